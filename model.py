@@ -1,0 +1,328 @@
+"""
+The Forge transformer: a LLaMA-style decoder in one file, read top to bottom.
+
+    config -> RMSNorm -> rotary embeddings -> grouped-query attention -> SwiGLU MLP
+           -> block -> model -> generation (KV cache) -> runtime helpers
+
+Pre-norm blocks, no biases, input and output embeddings tied. The layout and the maths are those of
+Hugging Face's LlamaForCausalLM, so export.py only has to rename tensors.
+"""
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50304      # padded to a multiple of 64 for fast matmuls
+    block_size: int = 1024       # context length
+    n_layer: int = 12
+    n_head: int = 12             # query heads
+    n_kv_head: int = 4           # key/value heads, shared by n_head // n_kv_head query heads each
+    n_embd: int = 768
+    ffn_hidden: int = 0          # 0 = 8/3 * n_embd rounded up to a multiple of 64
+    emb_rank: int = 0            # 0 = full embedding; r > 0 = factorized E = A (V x r) @ B (r x d)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    grad_checkpoint: bool = False  # recompute each block in backward: less memory, ~30% more compute
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        if self.ffn_hidden == 0:
+            self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32: the mean of squares underflows in half precision."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight).type_as(x)
+
+
+def rope_tables(cfg):
+    """cos/sin of every position's rotation angles, computed once. Rotate-half (GPT-NeoX / HF Llama)
+    layout: the first and second halves of each head form the rotated pairs."""
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim)
+    angles = torch.outer(torch.arange(cfg.block_size).float(), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # (block_size, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, heads, T, head_dim) by its position's angles; cos/sin are (T, head_dim)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated_half = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated_half * sin
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, for one generation. It holds only
+    n_kv_head heads per layer: that is grouped-query attention's memory saving."""
+
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # number of tokens already cached
+
+    def update(self, layer, k, v):
+        """Store this step's k, v (B, n_kv_head, T, head_dim); return all keys and values so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.dropout = cfg.dropout
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        # A prompt (T > 1, empty cache) attends causally; a single new token attends to everything cached.
+        # enable_gqa lets each group of query heads read its shared K/V head without copying it.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class Forge(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        if cfg.emb_rank:  # Yxanul-style factorized embedding: V x r table, then an r -> d projection
+            self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_rank)
+            self.emb_proj = nn.Linear(cfg.emb_rank, cfg.n_embd, bias=False)
+        else:
+            self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.emb_rank:  # std 1/sqrt(r) keeps the product A @ B at the usual 0.02 scale
+            nn.init.normal_(self.emb_proj.weight, mean=0.0, std=cfg.emb_rank ** -0.5)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        """Total parameters (tied weights counted once) and how many of them are the embedding."""
+        total = sum(p.numel() for p in self.parameters())
+        embedding = self.tok_emb.weight.numel()
+        if self.config.emb_rank:
+            embedding += self.emb_proj.weight.numel()
+        return {"total": total, "embedding": embedding}
+
+    def embed(self, idx):
+        x = self.tok_emb(idx)
+        return self.emb_proj(x) if self.config.emb_rank else x
+
+    def unembed(self, x):
+        """Logits through the transposed (tied) embedding: x @ E^T, or x @ B^T @ A^T when factorized."""
+        if self.config.emb_rank:
+            x = F.linear(x, self.emb_proj.weight.t())
+        return F.linear(x, self.tok_emb.weight)
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) token ids -> (logits, loss). Without targets only the last position's logits
+        are computed (B, 1, V), which is all generation needs. Targets of -1 are ignored."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.drop(self.embed(idx))
+        for block in self.blocks:
+            if self.config.grad_checkpoint and self.training:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.pos += T
+        x = self.norm(x)
+        if targets is None:
+            return self.unembed(x[:, [-1], :]), None
+        logits = self.unembed(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
+                 generator=None):
+        """Yield new token ids one at a time (batch 1), for streaming. The prompt is run once to fill
+        the KV cache; each later step feeds only the newest token. Stops after a token in stop_ids
+        (which is yielded, so the caller sees why it stopped), after max_new_tokens, or when the
+        context window (block_size) is full: it stops rather than slides, since sliding would
+        re-encode every position. Callers that need more room drop old turns (chat.py)."""
+        idx = torch.as_tensor(prompt, dtype=torch.long, device=self.rope_cos.device).view(1, -1)
+        max_len = min(self.config.block_size, idx.size(1) + max_new_tokens)
+        if idx.size(1) >= max_len:
+            return
+        cache = KVCache(self.config, 1, max_len, idx.device, self._activation_dtype(idx.device.type))
+        for _ in range(max_len - idx.size(1)):
+            logits, _ = self(idx, cache=cache)
+            next_id = sample_next(logits[0, -1].float(), temperature, top_k, top_p, generator)
+            yield next_id
+            if next_id in stop_ids:
+                return
+            idx = torch.tensor([[next_id]], device=idx.device)
+
+    def _activation_dtype(self, device_type):
+        """The dtype of keys and values: autocast's when it is on, else the weights'."""
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.tok_emb.weight.dtype
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices only (not norms); the fused kernel on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6N for the matmuls (forward + backward) plus attention scores,
+        12 * layers * d_model * seq_len (PaLM appendix B)."""
+        cfg = self.config
+        return 6 * self.num_params()["total"] + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+    def estimate_mfu(self, tokens_per_iter, seq_len, dt, peak_flops):
+        """Model FLOPs utilization: achieved FLOP/s as a fraction of the hardware peak you pass in."""
+        return self.flops_per_token(seq_len) * tokens_per_iter / dt / peak_flops
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick the next token id from one position's logits (V,): greedy at temperature 0, else sample
+    from the softmax restricted to the top_k tokens and to the smallest set holding top_p of the mass."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k:
+        kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[-1]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs > top_p  # tokens only needed after the mass is reached
+        logits = logits.masked_fill(outside.scatter(0, order, outside), float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+# ----------------------------------------------------------------------------- runtime helpers
+# Shared by train.py, sample.py, chat.py, eval.py and bench.py so that every script picks the device,
+# the precision and the checkpoint format the same way.
+
+def default_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def amp_dtype(device_type, dtype="auto"):
+    """The autocast dtype, or None for plain fp32. 'auto': bf16 on GPUs that have it, else fp16 (train
+    with a GradScaler); bf16 on CPUs with native bf16 (AVX512-BF16 or AMX), else fp32. Never fp16 on a
+    CPU: it is emulated there, ~1000x slower than fp32. MPS stays fp32 unless asked."""
+    if dtype != "auto":
+        choices = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if dtype not in choices:
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+        return choices[dtype]
+    if device_type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device_type == "cpu" and (getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                                 or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device_type, dtype):
+    """Mixed-precision context for amp_dtype's choice (a no-op for fp32)."""
+    return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+class CheckpointError(Exception):
+    """A checkpoint path that is missing, truncated or not from train.py (message is one line)."""
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load a train.py checkpoint -> (model in eval mode on device, the checkpoint dict)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}: train one with `python train.py` or pass --ckpt")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} as a checkpoint ({type(e).__name__}): truncated or not a torch file")
+    if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
+        raise CheckpointError(f"{path} is not a nanoforge checkpoint (it has no model / model_args)")
+    model = Forge(ModelConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt

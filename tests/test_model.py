@@ -1,0 +1,239 @@
+"""model.py against references: naive attention, full recomputation, closed-form parameter counts."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import Forge, KVCache, ModelConfig, apply_rope, rope_tables, sample_next
+
+
+def tiny_config(**overrides):
+    args = dict(vocab_size=128, block_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    args.update(overrides)
+    return ModelConfig(**args)
+
+
+def naive_attention(attn, x, cos, sin):
+    """Reference GQA: repeat each K/V head for its group of query heads, explicit causal mask."""
+    B, T, _ = x.shape
+    hd = attn.head_dim
+    q = attn.q_proj(x).view(B, T, attn.n_head, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(B, T, attn.n_kv_head, hd).transpose(1, 2)
+    v = attn.v_proj(x).view(B, T, attn.n_kv_head, hd).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    group = attn.n_head // attn.n_kv_head
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(hd)
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    scores = scores.masked_fill(~causal, float("-inf"))
+    y = scores.softmax(-1) @ v
+    return attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
+def test_gqa_matches_naive_attention(n_kv_head):
+    torch.manual_seed(0)
+    model = Forge(tiny_config(n_kv_head=n_kv_head))
+    attn = model.blocks[0].attn
+    x = torch.randn(3, 40, 64)
+    cos, sin = model.rope_cos[:40], model.rope_sin[:40]
+    diff = (attn(x, cos, sin) - naive_attention(attn, x, cos, sin)).abs().max().item()
+    assert diff < 1e-5
+
+
+def test_rope_score_depends_only_on_distance():
+    cfg = tiny_config(block_size=64)
+    cos, sin = rope_tables(cfg)
+    torch.manual_seed(0)
+    q, k = torch.randn(cfg.head_dim), torch.randn(cfg.head_dim)
+
+    def score(m, n):
+        return (apply_rope(q, cos[m], sin[m]) @ apply_rope(k, cos[n], sin[n])).item()
+
+    for m, n in [(5, 2), (10, 10), (3, 20)]:
+        for shift in (1, 7, 30):
+            assert score(m + shift, n + shift) == pytest.approx(score(m, n), abs=1e-4)
+    assert abs(score(5, 2) - score(5, 3)) > 1e-3  # and it does depend on the distance
+
+
+def greedy_by_recomputation(model, prompt, steps):
+    idx = torch.tensor([prompt])
+    ids, logits = [], []
+    for _ in range(steps):
+        last, _ = model(idx)
+        logits.append(last[0, -1])
+        ids.append(int(last[0, -1].argmax()))
+        idx = torch.cat([idx, torch.tensor([[ids[-1]]])], dim=1)
+    return ids, torch.stack(logits)
+
+
+def greedy_with_cache(model, prompt, steps):
+    cache = KVCache(model.config, 1, len(prompt) + steps, "cpu", torch.float32)
+    idx = torch.tensor([prompt])
+    ids, logits = [], []
+    for _ in range(steps):
+        last, _ = model(idx, cache=cache)
+        logits.append(last[0, -1])
+        ids.append(int(last[0, -1].argmax()))
+        idx = torch.tensor([[ids[-1]]])
+    return ids, torch.stack(logits)
+
+
+@pytest.mark.parametrize("emb_rank", [0, 16])
+def test_kv_cache_decoding_matches_full_recomputation(emb_rank):
+    torch.manual_seed(0)
+    model = Forge(tiny_config(emb_rank=emb_rank, n_layer=3)).eval()
+    with torch.no_grad():  # larger weights give varied (not constant) greedy continuations
+        for p in model.parameters():
+            p.mul_(3.0)
+    prompt = [7, 3, 99, 12, 5]
+    ref_ids, ref_logits = greedy_by_recomputation(model, prompt, 70)
+    ids, logits = greedy_with_cache(model, prompt, 70)
+    assert len(set(ref_ids)) > 5
+    assert ids == ref_ids
+    assert (logits - ref_logits).abs().max().item() < 1e-4
+    assert list(model.generate(prompt, 70, temperature=0)) == ref_ids
+
+
+def test_kv_cache_holds_only_kv_heads():
+    cfg = tiny_config(n_head=4, n_kv_head=1)
+    cache = KVCache(cfg, 1, 50, "cpu", torch.float32)
+    assert cache.k.shape == (cfg.n_layer, 1, 1, 50, cfg.head_dim)
+
+
+def test_generate_stops_at_stop_id_and_at_block_size():
+    torch.manual_seed(0)
+    model = Forge(tiny_config(block_size=32)).eval()
+    out = list(model.generate([1, 2, 3], 1000, temperature=1.0))
+    assert len(out) == 32 - 3  # never runs past the context window
+    first = out[0]
+    torch.manual_seed(0)
+    model = Forge(tiny_config(block_size=32)).eval()
+    assert list(model.generate([1, 2, 3], 1000, temperature=1.0, stop_ids={first})) == [first]
+    assert list(model.generate(list(range(32)), 10)) == []
+
+
+def test_sampling_filters():
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.5])
+    assert sample_next(logits, temperature=0) == 1
+    g = torch.Generator().manual_seed(0)
+    assert {sample_next(logits, 1.0, top_k=1, generator=g) for _ in range(50)} == {1}
+    assert {sample_next(logits, 1.0, top_p=0.1, generator=g) for _ in range(50)} == {1}
+    # p(1) ~ 0.66, p(2) ~ 0.24: top_p=0.8 keeps exactly those two
+    assert {sample_next(logits, 1.0, top_p=0.8, generator=g) for _ in range(200)} == {1, 2}
+    assert {sample_next(logits, 1.0, top_k=3, generator=g) for _ in range(300)} == {0, 1, 2}
+
+
+def test_masked_targets_cost_nothing():
+    torch.manual_seed(0)
+    model = Forge(tiny_config())
+    idx = torch.randint(0, 128, (2, 20))
+    targets = idx.clone()
+    targets[:, :10] = -1
+    logits, loss = model(idx, targets)
+    expected = F.cross_entropy(logits[:, 10:].reshape(-1, 128), idx[:, 10:].reshape(-1))
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_output_head_is_tied_to_the_embedding():
+    torch.manual_seed(0)
+    model = Forge(tiny_config())
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("head" in n for n in names)  # no separate output matrix exists
+    hidden = {}
+    model.norm.register_forward_hook(lambda m, i, o: hidden.setdefault("x", o))
+    logits, _ = model(torch.randint(0, 128, (1, 8)), torch.zeros(1, 8, dtype=torch.long))
+    assert torch.allclose(logits, hidden["x"] @ model.tok_emb.weight.T, atol=1e-6)
+    logits.sum().backward()  # the output path's gradient lands in the embedding's storage
+    assert model.tok_emb.weight.grad.abs().sum() > 0
+
+
+def test_no_bias_anywhere():
+    model = Forge(tiny_config(emb_rank=8))
+    assert not any("bias" in name for name, _ in model.named_parameters())
+    assert all(m.bias is None for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_bad_head_counts_are_refused():
+    with pytest.raises(ValueError, match="n_kv_head"):
+        tiny_config(n_head=4, n_kv_head=3)
+    with pytest.raises(ValueError, match="divisible by n_head"):
+        tiny_config(n_embd=66, n_head=4)
+
+
+def closed_form_params(V, L, d, h, kv, ffn, r=0):
+    hd = d // h
+    attention = d * h * hd + 2 * d * kv * hd + h * hd * d
+    layer = attention + 3 * d * ffn + 2 * d  # + two RMSNorm weights
+    embedding = V * r + r * d if r else V * d
+    return embedding + L * layer + d  # + final norm
+
+
+PRESETS = {  # DEVELOPERS.md's model family, GPT-2 vocabulary padded to 50304
+    "Forge-1 Nano": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=4, ffn_hidden=2048, block_size=1024),
+    "Forge-1 Mini": dict(n_layer=24, n_embd=1024, n_head=16, n_kv_head=4, ffn_hidden=2816, block_size=2048),
+    "Yxanul 177M": dict(n_layer=28, n_embd=768, n_head=12, n_kv_head=2, ffn_hidden=2048, block_size=4096, emb_rank=128),
+    "Cogni 168M": dict(n_layer=12, n_embd=1024, n_head=16, n_kv_head=4, ffn_hidden=2816, block_size=512),
+}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_parameter_counts(name):
+    p = PRESETS[name]
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = Forge(ModelConfig(vocab_size=50304, **p))
+    counts = model.num_params()
+    expected = closed_form_params(50304, p["n_layer"], p["n_embd"], p["n_head"], p["n_kv_head"],
+                                  p["ffn_hidden"], p.get("emb_rank", 0))
+    print(f"{name}: {counts['total']:,} parameters ({counts['embedding']:,} embedding)")
+    assert counts["total"] == expected
+    if name == "Yxanul 177M":
+        assert round(counts["total"] / 1e6, 1) == 177.2
+
+
+def test_default_ffn_hidden_is_8_thirds_rounded_to_64():
+    assert ModelConfig(n_embd=768).ffn_hidden == 2048
+    assert ModelConfig(n_embd=1000, n_head=8, n_kv_head=8).ffn_hidden == 2688
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = Forge(tiny_config(n_embd=64, block_size=32))
+    idx = torch.randint(0, 128, (4, 33))
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    for _ in range(300):
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = Forge(tiny_config())
+    ckpt = Forge(tiny_config(grad_checkpoint=True))
+    ckpt.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 128, (2, 24))
+    for model in (plain, ckpt):
+        model(idx, idx)[1].backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        assert (a.grad - b.grad).abs().max().item() < 1e-6, name
+
+
+def test_weight_decay_only_on_matrices():
+    model = Forge(tiny_config())
+    decay, no_decay = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_mfu_from_flops_per_token():
+    model = Forge(tiny_config())
+    n = model.num_params()["total"]
+    per_token = 6 * n + 12 * 2 * 64 * 96
+    assert model.flops_per_token(96) == per_token
+    assert model.estimate_mfu(1000, 96, 2.0, per_token * 1000) == pytest.approx(0.5)
