@@ -312,6 +312,20 @@ def autocast(device_type, dtype):
 class CheckpointError(Exception):
     """A checkpoint path that is missing, truncated or not from train.py (message is one line)."""
 
+# A checkpoint is a dict: "model" (state dict), "model_args" (ModelConfig fields), "tokenizer" (name),
+# "config" (train.py's settings), and for resuming: "optimizer", "scaler", "iter_num", "best_val_loss",
+# "rng". Everything in it is a tensor or plain Python data, so it loads with weights_only=True.
+
+
+def save_checkpoint(ckpt, path):
+    """torch.save to a temporary name, then rename: a kill at any moment leaves the old file intact."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
 
 def load_checkpoint(path, device="cpu"):
     """Load a train.py checkpoint -> (model in eval mode on device, the checkpoint dict)."""
