@@ -1,0 +1,304 @@
+"""
+Evaluate a checkpoint: what it has learned, and what thinking buys.
+
+    python eval.py                                   # out/best.pt (else out/ckpt.pt) on data/reasoning
+    python eval.py --ckpt out/best.pt --data data/reasoning --json report.json
+    python eval.py --gsm8k gsm8k_test.jsonl --items 0   # only GSM8K (jsonl of {question, answer})
+
+1. Validation loss and perplexity on DATA/val.bin, counting only the tokens train.py learns (val_mask.bin).
+2. The reasoning score: exact-match accuracy on held-out problems of prepare.py's built-in tasks, with
+   thinking forced on (<|think|>) and forced off (<|no_think|>), the mean thinking length and tokens/s.
+   With --gsm8k, the same for a GSM8K-style file, scored on the final number.
+3. The showcase prompts, each shown with whether the model thought, its thinking, answer, tokens and time.
+Everything goes into one JSON report (--json) for tracking runs, and a readable table on screen.
+Decoding is greedy by default, so a report is reproducible.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from chat import generate_reply
+from prepare import TASKS, Difficulty, check_answer, heldout_items
+from sample import (add_model_args, add_sampling_args, checkpoint_path, die, load_model, make_generator, robust_stdio,
+                    sampling_kwargs)
+from tokenizer import render_prompt
+
+SHOWCASE = [  # the design documents' five, then three that probe the built-in tasks and the model's identity
+    "What is 15 * 23?",
+    "If a train travels at 60 mph for 2.5 hours, how far does it go?",
+    "Write a haiku about programming",
+    "What is the capital of France?",
+    "Sort these numbers: 5, 2, 8, 1, 9",
+    "What is 478 + 256?",
+    "How many times does the letter r appear in strawberry?",
+    "Who are you?",
+]
+
+# ----------------------------------------------------------------------------- validation loss
+
+
+def read_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        die(f"{path} is missing or unreadable: the folder is not a finished prepare.py output; run python prepare.py")
+
+
+@torch.no_grad()
+def val_loss(model, ctx, data_dir, batch_size, max_tokens):
+    """Mean cross-entropy per predicted token over val.bin, read as consecutive windows of the model's
+    context (every token once, so the number is the same every run). Where val_mask.bin exists only the
+    targets train.py learns count, as in training. Returns (loss, number of tokens scored)."""
+    data = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
+    mask_path = os.path.join(data_dir, "val_mask.bin")
+    mask = np.memmap(mask_path, dtype=np.uint8, mode="r") if os.path.exists(mask_path) else None
+    if int(data.max(initial=0)) >= model.config.vocab_size:
+        die(f"{data_dir}/val.bin holds token ids beyond the model's vocabulary: it was prepared for another model")
+    n = min(len(data) - 1, max_tokens)
+    T = min(model.config.block_size, n)
+    starts = list(range(0, n - T + 1, T)) if T > 0 else []
+    device = model.rope_cos.device
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        batch = starts[i:i + batch_size]
+        x = torch.from_numpy(np.stack([data[s:s + T] for s in batch]).astype(np.int64))
+        y = torch.from_numpy(np.stack([data[s + 1:s + 1 + T] for s in batch]).astype(np.int64))
+        if mask is not None:
+            y[torch.from_numpy(np.stack([mask[s + 1:s + 1 + T] for s in batch])) == 0] = -1
+        scored = int((y != -1).sum())
+        if scored == 0:
+            continue  # a window of prompt tokens only: nothing to learn there, and its mean loss is nan
+        with ctx:
+            _, loss = model(x.to(device), y.to(device))
+        total, count = total + loss.item() * scored, count + scored
+    if count == 0:
+        die(f"{data_dir}/val.bin has no tokens to score")
+    return total / count, count
+
+
+# ----------------------------------------------------------------------------- reasoning score
+
+
+def final_number(text):
+    """The last number in text, without thousands separators or trailing zeros ("1,250.50" -> "1250.5")."""
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+    if not numbers:
+        return None
+    number = numbers[-1].replace(",", "")
+    return number.rstrip("0").rstrip(".") if "." in number else number
+
+
+def is_correct(task, text, answer):
+    """The checker: GSM8K compares final numbers, the built-in tasks prepare.py's exact match."""
+    if task == "gsm8k":
+        return final_number(text) is not None and final_number(text) == final_number(answer)
+    return check_answer(task, text, answer)
+
+
+def gsm8k_items(path, limit=None):
+    """(task, messages, answer) from a GSM8K-style jsonl: {"question", "answer"}, the answer ending in
+    "#### N" (openai/gsm8k) or just holding the number."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
+    items = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            question, answer = rec["question"], rec["answer"].split("####")[-1]
+            if not isinstance(question, str) or final_number(answer) is None:
+                raise ValueError
+        except (ValueError, KeyError, TypeError, AttributeError):
+            die(f"{path}:{lineno} is not a GSM8K record: expected JSON with a question and an answer "
+                "ending in '#### N'")
+        items.append(("gsm8k", [{"role": "user", "content": question}], answer.strip()))
+        if limit and len(items) == limit:
+            break
+    if not items:
+        die(f"{path} holds no GSM8K records")
+    return items
+
+
+def reasoning_score(model, enc, ctx, items, sampling, generator, progress=None):
+    """Answer every item twice, thinking forced on and forced off -> raw counts {task: {mode: tally}}."""
+    tally = {}
+    progress = sys.stderr.isatty() if progress is None else progress  # a counter, on a terminal only
+    for i, (task, messages, answer) in enumerate(items):
+        for mode in ("on", "off"):
+            reply = generate_reply(model, enc, ctx, render_prompt(messages, enc, mode), sampling, generator)
+            t = tally.setdefault(task, {}).setdefault(mode, dict.fromkeys(TALLY, 0))
+            t["n"] += 1
+            t["correct"] += is_correct(task, reply.answer, answer)
+            t["thinking_tokens"] += reply.thinking_tokens
+            t["tokens"] += len(reply.ids)
+            t["seconds"] += reply.seconds
+            t["cut_off"] += reply.finish != "stop"  # max_new_tokens or the context ran out before the end of turn
+        if progress:
+            print(f"\r  {i + 1}/{len(items)}", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return tally
+
+
+TALLY = ("n", "correct", "thinking_tokens", "tokens", "seconds", "cut_off")
+
+
+def summarize(tally):
+    """Raw counts -> accuracy, mean thinking length and tokens/s per task and mode, plus an "all" row."""
+    total = {}
+    for modes in tally.values():
+        for mode, t in modes.items():
+            total.setdefault(mode, dict.fromkeys(TALLY, 0))
+            for k in TALLY:
+                total[mode][k] += t[k]
+
+    def stats(t):
+        return dict(n=t["n"], accuracy=t["correct"] / t["n"], mean_thinking_tokens=t["thinking_tokens"] / t["n"],
+                    mean_tokens=t["tokens"] / t["n"], tokens_per_s=t["tokens"] / max(t["seconds"], 1e-9),
+                    cut_off=t["cut_off"])
+    return {task: {mode: stats(t) for mode, t in modes.items()} for task, modes in [*tally.items(), ("all", total)]}
+
+
+def score_table(summary):
+    """The table that shows what thinking buys: accuracy with thinking forced on vs off, per task."""
+    rows = [f"{'task':<8} {'n':>4}  {'think':>6}  {'no-think':>8}  {'gain':>6}  {'think tokens':>12}  "
+            f"{'tokens/s':>8}  {'cut off':>7}"]
+    for task, m in summary.items():
+        if task == "all" and len(summary) == 2:
+            continue  # one task: its row is the total
+        on, off = m["on"], m["off"]
+        rows.append(f"{task:<8} {on['n']:>4}  {on['accuracy']:>6.1%}  {off['accuracy']:>8.1%}  "
+                    f"{100 * (on['accuracy'] - off['accuracy']):>+6.1f}  {on['mean_thinking_tokens']:>12.1f}  "
+                    f"{on['tokens_per_s']:>8.0f}  {on['cut_off'] + off['cut_off']:>7}")
+    cut_off = sum(m["on"]["cut_off"] + m["off"]["cut_off"] for task, m in summary.items() if task != "all")
+    if cut_off:
+        rows.append(f"{cut_off} replies were cut off by --max_new_tokens or the context (block_size) before they "
+                    "ended; they count as wrong")
+    return "\n".join(rows)
+
+
+def difficulty_of(meta):
+    """The difficulty the data was prepared at (meta.json), so the held-out problems match training."""
+    d = meta.get("difficulty")
+    return Difficulty(**{**d, "mul_digits": tuple(d["mul_digits"])}) if d else Difficulty()
+
+
+# ----------------------------------------------------------------------------- showcase
+
+
+def showcase(model, enc, ctx, sampling, generator):
+    """The showcase prompts, the model choosing whether to think (reasoning auto)."""
+    results = []
+    for prompt in SHOWCASE:
+        messages = [{"role": "user", "content": prompt}]
+        reply = generate_reply(model, enc, ctx, render_prompt(messages, enc, "auto"), sampling, generator)
+        results.append(dict(prompt=prompt, thought=reply.thinking is not None, thinking=reply.thinking,
+                            answer=reply.answer, tokens=len(reply.ids), seconds=round(reply.seconds, 3)))
+    return results
+
+
+def print_showcase(results):
+    for r in results:
+        print(f"\n> {r['prompt']}")
+        if r["thought"]:
+            print("  thinking: " + (r["thinking"].replace("\n", "\n            ") or "(empty)"))
+        else:
+            print("  (answered without thinking)")
+        print(f"  answer:   {r['answer'] or '(empty)'}")
+        print(f"  {r['tokens']} tokens in {r['seconds']:.2f}s")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def write_json(report, path):
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, ensure_ascii=False)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        die(f"cannot write the report to {path}: {e.strerror}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Evaluate a checkpoint: val loss, reasoning score, showcase.")
+    add_model_args(parser)
+    add_sampling_args(parser, max_new_tokens=256, temperature=0.0)
+    parser.add_argument("--data", help="a prepare.py folder for the val loss (default: the one the checkpoint "
+                                       "was trained on, else data/reasoning)")
+    parser.add_argument("--items", type=int, default=50, help="held-out problems per built-in task (0 = skip)")
+    parser.add_argument("--gsm8k", metavar="FILE", help="also score a GSM8K-style jsonl of {question, answer}")
+    parser.add_argument("--gsm8k_items", type=int, default=None, help="score only the first N GSM8K records")
+    parser.add_argument("--val_tokens", type=int, default=1_000_000, help="score at most this many val tokens")
+    parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass for the val loss")
+    parser.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    args = parser.parse_args()
+    if args.items < 0 or args.val_tokens < 1 or args.batch_size < 1:
+        die("--items must be >= 0, --val_tokens and --batch_size >= 1")
+    robust_stdio()
+    sampling = sampling_kwargs(args)
+    gsm8k = gsm8k_items(args.gsm8k, args.gsm8k_items) if args.gsm8k else None  # a bad file fails before any work
+    model, enc, ctx, ckpt = load_model(args)
+    generator = make_generator(model, args.seed)
+    data_dir = args.data or (ckpt.get("config") or {}).get("data_dir") or os.path.join("data", "reasoning")
+    report = {"checkpoint": checkpoint_path(args), "iter_num": ckpt.get("iter_num"), "tokenizer": enc.name,
+              "params": model.num_params()["total"], "device": str(model.rope_cos.device), "sampling": sampling}
+    print(f"{report['checkpoint']}: {report['params'] / 1e6:.2f}M parameters, tokenizer {enc.name}, "
+          f"iteration {report['iter_num']}, on {report['device']}")
+
+    # 1. validation loss
+    meta = {}
+    if os.path.exists(os.path.join(data_dir, "val.bin")):
+        meta = read_meta(data_dir)
+        if meta.get("tokenizer") != enc.name:
+            die(f"{data_dir} was prepared with the {meta.get('tokenizer')} tokenizer, the checkpoint uses {enc.name}")
+        t0 = time.perf_counter()
+        loss, n = val_loss(model, ctx, data_dir, args.batch_size, args.val_tokens)
+        report["val"] = dict(data=data_dir, loss=loss, perplexity=math.exp(loss), tokens=n)
+        print(f"\nval loss {loss:.4f}, perplexity {math.exp(loss):.2f} ({n:,} tokens of {data_dir}/val.bin, "
+              f"{time.perf_counter() - t0:.1f}s)")
+    elif args.data:
+        die(f"no val.bin in {data_dir}: run python prepare.py (or pass another --data)")
+    else:
+        print(f"\nno {data_dir}/val.bin: skipping the val loss (run python prepare.py, or pass --data)")
+
+    # 2. reasoning score: thinking on vs off
+    if args.items:
+        difficulty = difficulty_of(meta)
+        items = list(heldout_items(args.items * len(TASKS), difficulty=difficulty))
+        print(f"\nreasoning score: {args.items} held-out problems per task, thinking forced on vs forced off")
+        summary = summarize(reasoning_score(model, enc, ctx, items, sampling, generator))
+        report["reasoning"] = {"difficulty": asdict(difficulty), "tasks": summary}
+        print(score_table(summary))
+    if gsm8k:
+        print(f"\nGSM8K: {len(gsm8k)} problems of {args.gsm8k}, scored on the final number")
+        summary = summarize(reasoning_score(model, enc, ctx, gsm8k, sampling, generator))
+        report["gsm8k"] = {"file": args.gsm8k, **summary["gsm8k"]}
+        print(score_table(summary))
+
+    # 3. showcase
+    report["showcase"] = showcase(model, enc, ctx, sampling, generator)
+    print("\nshowcase (the model chooses whether to think):")
+    print_showcase(report["showcase"])
+
+    if args.json:
+        write_json(report, args.json)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""
+Export a checkpoint for use outside this repo.
+
+    python export.py [--ckpt out/best.pt] [--out DIR] [--format pt|safetensors|hf|all] [--dtype float32|bfloat16]
+
+  pt           DIR/model.pt           our state dict + model_args + tokenizer name, no optimizer state
+                                      (model.load_checkpoint reads it, with weights_only=True)
+  safetensors  DIR/model.safetensors  our tensor names; model_args and the tokenizer name in the metadata
+  hf           DIR/hf/                a Hugging Face LlamaForCausalLM folder: config.json,
+                                      generation_config.json, model.safetensors, tokenizer.json and
+                                      tokenizer_config.json (with the chat template), and the tiktoken
+                                      ranks + special tokens (tokenizer.tiktoken, tiktoken.json) so that
+                                      load_tiktoken() rebuilds our exact encoding offline
+
+Forge is the Llama architecture (RMSNorm, GQA, rotate-half RoPE, SwiGLU, no biases, tied embeddings),
+so the hf export renames tensors and converts no maths. The one exception: a factorized embedding
+(emb_rank > 0) is multiplied out to the full V x d matrix, which Llama expects.
+"""
+import argparse
+import base64
+import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import asdict
+
+import torch
+
+from model import CheckpointError, Forge, ModelConfig, load_checkpoint, save_checkpoint
+from tokenizer import SPECIAL_TOKENS, TokenizerError, get_tokenizer, special_ids
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ExportError(Exception):
+    """A user-facing problem with an export, explained in one line."""
+
+
+def cast(state_dict, dtype):
+    """Float tensors to dtype, contiguous and unshared (safetensors refuses views of one storage)."""
+    return {k: v.to(dtype).contiguous().clone() if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+# ----------------------------------------------------------------------------- pt and safetensors
+
+def export_pt(model, tokenizer_name, path, dtype=torch.float32):
+    """A checkpoint without optimizer/resume state: the dict load_checkpoint expects, nothing more."""
+    save_checkpoint({"model": cast(model.state_dict(), dtype), "model_args": asdict(model.config),
+                     "tokenizer": tokenizer_name}, path)
+
+
+def export_safetensors(model, tokenizer_name, path, dtype=torch.float32):
+    from safetensors.torch import save_file
+    metadata = {"format": "pt", "model_args": json.dumps(asdict(model.config)), "tokenizer": tokenizer_name or ""}
+    save_file(cast(model.state_dict(), dtype), f"{path}.tmp", metadata=metadata)
+    os.replace(f"{path}.tmp", path)
+
+
+def load_safetensors(path, device="cpu"):
+    """model.safetensors written by export_safetensors -> (Forge in eval mode, tokenizer name)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+        state_dict = load_file(path, device=device)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} as safetensors ({type(e).__name__}): truncated or another format")
+    if "model_args" not in metadata:
+        raise CheckpointError(f"{path} was not written by export.py (no model_args in its metadata)")
+    model = Forge(ModelConfig(**json.loads(metadata["model_args"])))
+    model.load_state_dict(state_dict)
+    return model.to(device).eval(), metadata.get("tokenizer") or None
+
+
+# ----------------------------------------------------------------------------- hf: weights and config
+
+def hf_name(name):
+    """Our parameter name -> LlamaForCausalLM's. The two models have the same modules in the same order."""
+    if name == "tok_emb.weight":
+        return "model.embed_tokens.weight"
+    if name == "norm.weight":
+        return "model.norm.weight"
+    layer, rest = re.fullmatch(r"blocks\.(\d+)\.(.+)", name).groups()
+    rest = {"attn_norm.weight": "input_layernorm.weight",
+            "mlp_norm.weight": "post_attention_layernorm.weight"}.get(rest, rest.replace("attn.", "self_attn.", 1))
+    return f"model.layers.{layer}.{rest}"
+
+
+def hf_state_dict(model, dtype=torch.float32):
+    """Tensors under Hugging Face names. No lm_head.weight: tie_word_embeddings=true makes Llama reuse
+    embed_tokens for the output, as we do."""
+    sd = model.state_dict()
+    if model.config.emb_rank:  # E = A (V x r) @ B^T (r x d), multiplied in fp32 whatever the weights' dtype
+        sd["tok_emb.weight"] = sd["tok_emb.weight"].float() @ sd.pop("emb_proj.weight").float().t()
+    return cast({hf_name(k): v for k, v in sd.items()}, dtype)
+
+
+def hf_config(cfg, enc, dtype_name):
+    sp = special_ids(enc)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_hidden,
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
+        "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.block_size,
+        "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": True,
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02,
+        "bos_token_id": sp["<|bos|>"], "eos_token_id": sp["<|eos|>"], "pad_token_id": sp["<|pad|>"],
+        "torch_dtype": dtype_name, "use_cache": True,
+    }
+
+
+def hf_generation_config(enc):
+    """A chat reply ends at <|/assistant|>, a document at <|eos|>: generation stops at either."""
+    sp = special_ids(enc)
+    return {"bos_token_id": sp["<|bos|>"], "eos_token_id": [sp["<|eos|>"], sp["<|/assistant|>"]],
+            "pad_token_id": sp["<|pad|>"]}
+
+
+# ----------------------------------------------------------------------------- hf: tokenizer
+
+def byte_to_unicode():
+    """GPT-2's byte -> printable character table, which byte-level BPE vocabularies are written in:
+    printable Latin-1 bytes stand for themselves, the others are shifted to 256 and up (space -> 'Ġ')."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = (b for b in range(256) if b not in printable)
+    table = {b: chr(b) for b in printable}
+    table.update({b: chr(256 + i) for i, b in enumerate(shifted)})
+    return table
+
+
+def bpe_split(ranks, token, max_rank):
+    """Run tiktoken's BPE on token's bytes using only merges ranked below max_rank. For the token of
+    rank max_rank this stops at the two parts that were merged to make it: its merge rule."""
+    parts = [bytes([b]) for b in token]
+    while True:
+        pairs = [(ranks.get(a + b), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        pairs = [(rank, i) for rank, i in pairs if rank is not None and rank < max_rank]
+        if not pairs:
+            return parts
+        _, i = min(pairs)
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+
+
+def hf_tokenizer_json(enc):
+    """tokenizer.json for `tokenizers`: byte-level BPE with tiktoken's vocabulary, its merges rebuilt
+    from the ranks, tiktoken's pre-tokenizer regex, and our special tokens at our ids."""
+    ranks, table = enc._mergeable_ranks, byte_to_unicode()
+
+    def as_text(token):
+        return "".join(table[b] for b in token)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) > 1:
+            parts = bpe_split(ranks, token, rank)
+            if len(parts) != 2:
+                raise ExportError(f"token {token!r} is not the merge of two tokens: tokenizer.json cannot express it")
+            merges.append(f"{as_text(parts[0])} {as_text(parts[1])}")  # GPT-2's alphabet has no space
+    specials = sorted(enc._special_tokens.items(), key=lambda item: item[1])
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for tok, i in specials],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": enc._pat_str}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": None,  # add no <|bos|>: our chat template writes it, as render_conversation does
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        # ignore_merges: a piece that is a whole token maps straight to it, as tiktoken does
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": {as_text(token): rank for token, rank in ranks.items()}, "merges": merges},
+    }
+
+
+# The chat format of tokenizer.render_conversation / render_prompt in Jinja, for apply_chat_template.
+# Every tag trims the whitespace around it, so the template emits exactly the tokens below.
+# add_generation_prompt=False renders a finished conversation (ending in <|eos|>); True renders a prompt,
+# and the `reasoning` argument ("on", "off", default "auto") plays render_prompt's `reasoning`.
+CHAT_TEMPLATE = """
+{{- '<|bos|>' -}}
+{%- for message in messages -%}
+    {%- if message.role == 'system' and loop.first -%}
+        {{- '<|system|>' + message.content + '<|/system|>' -}}
+    {%- elif message.role == 'user' -%}
+        {{- '<|user|>' + message.content + '<|/user|>' -}}
+    {%- elif message.role == 'assistant' -%}
+        {%- if message.thinking is defined and message.thinking is not none -%}
+            {{- '<|think|>' + message.thinking + '<|/think|>' -}}
+        {%- else -%}
+            {{- '<|no_think|>' -}}
+        {%- endif -%}
+        {{- '<|assistant|>' + message.content + '<|/assistant|>' -}}
+    {%- else -%}
+        {{- raise_exception('role must be system (first only), user or assistant') -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {%- if reasoning is defined and reasoning == 'on' -%}
+        {{- '<|think|>' -}}
+    {%- elif reasoning is defined and reasoning == 'off' -%}
+        {{- '<|no_think|><|assistant|>' -}}
+    {%- endif -%}
+{%- else -%}
+    {{- '<|eos|>' -}}
+{%- endif -%}
+""".strip()
+
+
+def hf_tokenizer_config(enc, block_size):
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
+        "bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>",
+        "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in ("<|bos|>", "<|eos|>", "<|pad|>")],
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+def save_tiktoken(enc, folder):
+    """tokenizer.tiktoken (tiktoken's ranks format: base64 token, rank) + tiktoken.json (name, regex,
+    special tokens): everything tiktoken.Encoding needs, with no download."""
+    with open(os.path.join(folder, "tokenizer.tiktoken"), "wb") as f:
+        for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda item: item[1]):
+            f.write(base64.b64encode(token) + b" %d\n" % rank)
+    write_json({"name": enc.name, "pat_str": enc._pat_str, "special_tokens": enc._special_tokens},
+               os.path.join(folder, "tiktoken.json"))
+
+
+def load_tiktoken(folder):
+    """The tiktoken.Encoding saved by save_tiktoken. The ranks are parsed here rather than by
+    tiktoken.load_tiktoken_bpe, which caches local files by path and would return a stale copy."""
+    import tiktoken
+    with open(os.path.join(folder, "tiktoken.json")) as f:
+        meta = json.load(f)
+    with open(os.path.join(folder, "tokenizer.tiktoken"), "rb") as f:
+        ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in f if line.strip())}
+    return tiktoken.Encoding(meta["name"], pat_str=meta["pat_str"], mergeable_ranks=ranks,
+                             special_tokens=meta["special_tokens"])
+
+
+def write_json(obj, path):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+# ----------------------------------------------------------------------------- hf: the folder
+
+def export_hf(model, enc, folder, dtype=torch.float32):
+    """Write the whole folder under a temporary name, then swap it in: never a half-written export."""
+    from safetensors.torch import save_file
+    cfg = model.config
+    if enc.n_vocab > cfg.vocab_size:
+        raise ExportError(f"tokenizer {enc.name!r} has {enc.n_vocab} tokens but the model only {cfg.vocab_size}: "
+                          f"the checkpoint was trained with another tokenizer")
+    if cfg.emb_rank:
+        before, after = cfg.vocab_size * cfg.emb_rank + cfg.emb_rank * cfg.n_embd, cfg.vocab_size * cfg.n_embd
+        print(f"note: the factorized embedding (emb_rank={cfg.emb_rank}) is multiplied out for Llama: "
+              f"{before:,} -> {after:,} embedding parameters, so the hf export is larger than the checkpoint")
+    dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
+    tmp = f"{folder}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        save_file(hf_state_dict(model, dtype), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        write_json(hf_config(cfg, enc, dtype_name), os.path.join(tmp, "config.json"))
+        write_json(hf_generation_config(enc), os.path.join(tmp, "generation_config.json"))
+        write_json(hf_tokenizer_json(enc), os.path.join(tmp, "tokenizer.json"))
+        write_json(hf_tokenizer_config(enc, cfg.block_size), os.path.join(tmp, "tokenizer_config.json"))
+        save_tiktoken(enc, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(folder):  # rename the old folder away first: os.replace cannot replace a non-empty one
+        os.replace(folder, f"{folder}.old")
+    os.replace(tmp, folder)
+    shutil.rmtree(f"{folder}.old", ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def export(ckpt_path, out_dir, formats, dtype_name="float32"):
+    try:
+        model, ckpt = load_checkpoint(ckpt_path)
+    except (TypeError, ValueError, RuntimeError) as e:  # model_args or tensors this model.py does not know
+        raise CheckpointError(f"{ckpt_path} does not fit this model.py: {' '.join(str(e).split())[:200]}")
+    tokenizer_name, dtype = ckpt.get("tokenizer"), DTYPES[dtype_name]
+    if "hf" in formats:  # resolve the tokenizer before writing anything
+        if not tokenizer_name:
+            raise ExportError(f"{ckpt_path} names no tokenizer: the hf export needs one to write tokenizer.json")
+        enc = get_tokenizer(tokenizer_name)
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    if "pt" in formats:
+        export_pt(model, tokenizer_name, os.path.join(out_dir, "model.pt"), dtype)
+        written.append(os.path.join(out_dir, "model.pt"))
+    if "safetensors" in formats:
+        export_safetensors(model, tokenizer_name, os.path.join(out_dir, "model.safetensors"), dtype)
+        written.append(os.path.join(out_dir, "model.safetensors"))
+    if "hf" in formats:
+        export_hf(model, enc, os.path.join(out_dir, "hf"), dtype)
+        written.append(os.path.join(out_dir, "hf") + os.sep)
+    return written
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Export a nanoforge checkpoint (see the top of export.py).")
+    p.add_argument("--ckpt", help="checkpoint written by train.py (default: out/best.pt, else out/ckpt.pt)")
+    p.add_argument("--out", default=None, help="output folder (default: export/ next to the checkpoint)")
+    p.add_argument("--format", default="all", choices=["pt", "safetensors", "hf", "all"])
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the exported weights")
+    args = p.parse_args(argv)
+    if args.ckpt is None:
+        args.ckpt = "out/best.pt" if os.path.isfile("out/best.pt") else "out/ckpt.pt"
+    out_dir = args.out or os.path.join(os.path.dirname(args.ckpt), "export")
+    formats = ["pt", "safetensors", "hf"] if args.format == "all" else [args.format]
+    try:
+        written = export(args.ckpt, out_dir, formats, args.dtype)
+    except (CheckpointError, TokenizerError, ExportError) as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: cannot write the export to {out_dir}: {e.strerror or e}")
+    print("wrote " + ", ".join(written))
+
+
+if __name__ == "__main__":
+    main()
