@@ -1,0 +1,482 @@
+"""prepare.py: the built-in reasoning dataset (answers and traces checked by an independent computation),
+round trips through the .bin files, every recipe on a local fixture in its dataset's real schema, local
+files, and the command line's errors and interruptions."""
+import collections
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import prepare
+from prepare import TASKS, Difficulty, check_answer, heldout_items, main, reasoning_documents
+from tokenizer import GPT2_RANKS_ENV, get_tokenizer, render_conversation
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BYTE = get_tokenizer("byte")
+BOS, EOS, THINK, NO_THINK, CLOSE_ASSISTANT = 256, 257, 265, 267, 264
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+def run_cli(*args, cwd=REPO, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, os.path.join(REPO, "prepare.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def read_split(out, split, enc=BYTE):
+    """The documents of a split as (ids, mask) lists, cut at <|eos|>."""
+    eos = enc.encode_single_token("<|eos|>")
+    ids = np.fromfile(os.path.join(out, f"{split}.bin"), dtype=np.uint16).tolist()
+    mask_path = os.path.join(out, f"{split}_mask.bin")
+    mask = np.fromfile(mask_path, dtype=np.uint8).tolist() if os.path.exists(mask_path) else [None] * len(ids)
+    assert len(mask) == len(ids)
+    docs, start = [], 0
+    for i, t in enumerate(ids):
+        if t == eos:
+            docs.append((ids[start:i + 1], mask[start:i + 1]))
+            start = i + 1
+    assert start == len(ids), "the bin must end with a complete document"
+    return docs
+
+
+def expected_mask(ids):
+    """Independent statement of the mask: 1 from <|think|>/<|no_think|> through <|/assistant|>, and <|eos|>."""
+    mask, learning = [], False
+    for t in ids:
+        if t in (THINK, NO_THINK):
+            learning = True
+        mask.append(int(learning or t == EOS))
+        if t == CLOSE_ASSISTANT:
+            learning = False
+    return mask
+
+
+def chat_of(ids):
+    """(question, thinking or None, answer) from a rendered single-turn byte document."""
+    text = BYTE.decode(ids)
+    m = re.fullmatch(r"<\|bos\|><\|user\|>(.*)<\|/user\|>(?:<\|think\|>(.*)<\|/think\|>|<\|no_think\|>)"
+                     r"<\|assistant\|>(.*)<\|/assistant\|><\|eos\|>", text, re.S)
+    assert m, text
+    return m.groups()
+
+
+def solve(question):
+    """(task, problem key, answer) computed from the question text alone, independently of prepare.py."""
+    nums = [int(n) for n in re.findall(r"\d+", question)]
+    if m := re.search(r"letter (\w) appear in (\w+)|How many (\w)'s are in (\w+)", question):
+        letter, word = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        return "count", (word, letter), str(word.count(letter))
+    if question.startswith("Sort"):
+        return "sort", tuple(nums), ", ".join(map(str, sorted(nums)))
+    if "larg" in question:
+        return "max", tuple(nums), str(max(nums))
+    if "gives away" in question:
+        a, b, c = nums
+        return "word", ("+-", a, b, c), str(a + b - c)
+    if "lost" in question:
+        a, b, c = nums
+        return "word", ("-+", a, b, c), str(a - b + c)
+    if "bags of" in question:
+        b, a, c = nums
+        return "word", ("*+", a, b, c), str(a * b + c)
+    a, b = nums
+    if question.startswith("Subtract"):
+        a, b = b, a
+    for task, op, word in (("add", "+", "Add"), ("sub", "-", "Subtract"), ("mul", "*", "Multiply")):
+        if f" {op} " in question or question.startswith(word):
+            return task, (a, b), str(eval(f"{a}{op}{b}"))
+    raise AssertionError(f"unrecognised question {question!r}")
+
+
+def check_trace(task, question, thinking, answer):
+    """Every 'x op y [op c]=z' in the trace is true arithmetic, and the trace ends where the answer is."""
+    for expr, value in re.findall(r"(\d+(?:[-+*]\d+)+)=(\d+)", thinking):
+        assert eval(expr) == int(value), (question, thinking)
+    last = thinking.splitlines()[-1]
+    if task in ("add", "sub", "mul", "word"):
+        assert last.endswith(f", {answer}"), (question, thinking)
+    elif task == "sort":
+        mins = [int(line.rsplit(" ", 1)[1]) for line in thinking.splitlines()]
+        assert ", ".join(map(str, mins)) == answer
+    elif task == "max":
+        assert last.endswith(f"-> {answer}")
+    elif task == "count":
+        word = solve(question)[1][0]
+        assert "".join(p[0] for p in last.split()) == word and last.split()[-1][1:] == answer
+
+
+# ---------------------------------------------------------------------------------- the built-in dataset
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """`python prepare.py` with no arguments, from a fresh folder, offline."""
+    cwd = tmp_path_factory.mktemp("fresh")
+    proc = run_cli(cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    return cwd / "data" / "reasoning", proc
+
+
+def test_default_run_is_offline_and_complete(default_run):
+    out, proc = default_run
+    assert sorted(os.listdir(out)) == ["meta.json", "train.bin", "train_mask.bin", "val.bin", "val_mask.bin"]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["tokenizer"] == "byte" and meta["vocab_size"] == 320 and meta["mask"] is True
+    assert meta["special_tokens"]["<|think|>"] == THINK
+    for split in ("train", "val"):
+        assert meta[split]["tokens"] == os.path.getsize(out / f"{split}.bin") // 2 > 0
+        assert meta[split]["tokens"] == meta["sources"]["reasoning"][f"{split}_tokens"]
+        assert meta[split]["documents"] == len(read_split(out, split))
+    assert 2_000_000 < meta["train"]["tokens"] + meta["val"]["tokens"] < 8_000_000  # "a few MB of tokens"
+    assert meta["command"] == "python prepare.py" and meta["difficulty"] == {"digits": 3, "mul_digits": [2, 1],
+                                                                              "list_len": 5}
+    assert "wrote" in proc.stdout and "tokens/s" in proc.stdout
+
+
+def test_round_trip_answers_traces_and_mask(default_run):
+    out, _ = default_run
+    counts, documents = collections.Counter(), {}
+    for split in ("train", "val"):
+        documents[split] = {tuple(ids) for ids, _ in read_split(out, split)}
+        for ids, mask in read_split(out, split):
+            assert mask == expected_mask(ids)
+            assert len(ids) <= 256  # fits the default context
+            question, thinking, answer = chat_of(ids)
+            if re.search(r"\d|letter|'s are in", question):
+                task, _, truth = solve(question)
+                assert answer == truth, question
+                counts[task, thinking is not None] += 1
+                if thinking is not None:
+                    check_trace(task, question, thinking, answer)
+            else:  # small talk never thinks
+                assert thinking is None
+                counts["smalltalk"] += 1
+    assert not documents["train"] & documents["val"], "a document is in both splits"
+    for task in TASKS:  # every task appears both with and without thinking
+        assert counts[task, True] > 3 * counts[task, False] / 2 > 100
+    assert counts["smalltalk"] > 500
+
+
+def test_bins_reproduce_the_rendered_documents(tmp_path):
+    main(["reasoning", "--max-samples", "3000", "--seed", "7", "--out", str(tmp_path)])
+    rendered = [tuple(render_conversation(d, BYTE)[0]) for d in reasoning_documents(3000, 7, Difficulty())]
+    train, val = ([tuple(ids) for ids, _ in read_split(tmp_path, split)] for split in ("train", "val"))
+    assert collections.Counter(train + val) == collections.Counter(rendered)
+    assert train == [d for d in rendered if d not in set(val)]  # written in order, split by document
+
+
+def test_same_seed_same_bytes(tmp_path):
+    for name in ("a", "b"):
+        main(["--max-samples", "2000", "--seed", "5", "--out", str(tmp_path / name)])
+    main(["--max-samples", "2000", "--seed", "6", "--out", str(tmp_path / "c"), "--num-proc", "1"])
+    for f in ("train.bin", "val.bin", "train_mask.bin", "val_mask.bin"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    assert (tmp_path / "a" / "train.bin").read_bytes() != (tmp_path / "c" / "train.bin").read_bytes()
+
+
+def test_heldout_items_are_correct_and_never_trained_on(default_run):
+    out, _ = default_run
+    trained = set()
+    for split in ("train", "val"):
+        for ids, _ in read_split(out, split):
+            question = chat_of(ids)[0]
+            if re.search(r"\d|letter|'s are in", question):
+                trained.add(solve(question)[:2])
+    items = list(heldout_items(700))
+    assert [task for task, _, _ in items[:len(TASKS)]] == TASKS and len(items) == 700
+    assert items == list(heldout_items(700))  # deterministic
+    for task, messages, answer in items:
+        assert messages[-1]["role"] == "user" and len(messages) == 1
+        solved_task, key, truth = solve(messages[0]["content"])
+        assert (solved_task, answer) == (task, truth)
+        assert (task, key) not in trained, messages
+    assert len({solve(m[0]["content"])[:2] for _, m, _ in items}) > 500  # varied, not one problem repeated
+
+
+def test_check_answer():
+    assert check_answer("add", "734", "734") and check_answer("add", " 734.\n", "734")
+    assert check_answer("sort", "1,2, 5, 8,9", "1, 2, 5, 8, 9")
+    assert not check_answer("add", "733", "734") and not check_answer("add", "7340", "734")
+    assert not check_answer("sort", "1, 2, 5, 9, 8", "1, 2, 5, 8, 9") and not check_answer("count", "", "0")
+    with pytest.raises(ValueError):
+        check_answer("poetry", "x", "x")
+
+
+def test_difficulty_is_configurable(tmp_path):
+    main(["--max-samples", "1500", "--digits", "5", "--mul-digits", "3x2", "--list-len", "7", "--out", str(tmp_path)])
+    longest = collections.Counter()
+    for ids, _ in read_split(tmp_path, "train") + read_split(tmp_path, "val"):
+        question, thinking, answer = chat_of(ids)
+        if re.search(r"\d|letter|'s are in", question):
+            task, key, truth = solve(question)
+            assert answer == truth
+            if thinking is not None:
+                check_trace(task, question, thinking, answer)
+            if task in ("add", "sub"):
+                longest["addsub"] = max(longest["addsub"], *map(len, map(str, key)))
+            if task == "mul":
+                longest["mul_b"] = max(longest["mul_b"], len(str(key[1])))
+            if task == "sort":
+                longest["list"] = max(longest["list"], len(key))
+    assert longest == {"addsub": 5, "mul_b": 2, "list": 7}
+    assert json.loads((tmp_path / "meta.json").read_text())["difficulty"]["mul_digits"] == [3, 2]
+
+
+# ---------------------------------------------------------------------------------- recipes and local files
+# One or two records per Hub dataset, in that dataset's real schema, with what each must become.
+
+OT_ANSWER = ("<|begin_of_thought|>\n\nSo 2 apples plus 3.\n\n<|end_of_thought|>\n\n"
+             "<|begin_of_solution|>\n\n\\boxed{5}\n\n<|end_of_solution|>")
+FIXTURES = {
+    "openhermes": (
+        [{"conversations": [{"from": "system", "value": "You are helpful.", "weight": None},
+                            {"from": "human", "value": "Name a color.", "weight": None},
+                            {"from": "gpt", "value": "Blue.", "weight": 1.0}],
+          "source": "airoboros2.2", "category": "general"}],
+        [[{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Name a color."},
+          {"role": "assistant", "content": "Blue."}]]),
+    "platypus": (
+        [{"input": "", "output": "Paris.", "instruction": "Capital of France?", "data_source": "scienceqa"},
+         {"input": "3, 1, 2", "output": "1, 2, 3", "instruction": "Sort the list.", "data_source": "airoboros"}],
+        [[{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}],
+         [{"role": "user", "content": "Sort the list.\n\n3, 1, 2"}, {"role": "assistant", "content": "1, 2, 3"}]]),
+    "openthoughts": (
+        [{"system": "Your role as an assistant involves thoroughly exploring questions ...",
+          "conversations": [{"from": "user", "value": "What is 2 apples plus 3 apples?"},
+                            {"from": "assistant", "value": OT_ANSWER}]}],
+        [[{"role": "user", "content": "What is 2 apples plus 3 apples?"},
+          {"role": "assistant", "content": "\\boxed{5}", "thinking": "So 2 apples plus 3."}]]),
+    "mot": (
+        [{"messages": [{"content": "What is 6*7?", "role": "user"},
+                       {"content": "<think>\n6*7 is 42.\n</think>\n\nThe answer is 42.", "role": "assistant"}],
+          "num_tokens": 20, "source": "open-r1/OpenR1-Math-220k"}],
+        [[{"role": "user", "content": "What is 6*7?"},
+          {"role": "assistant", "content": "The answer is 42.", "thinking": "6*7 is 42."}]]),
+    "gsm8k": (
+        [{"question": "Natalia sold 48 clips in April and half as many in May. How many in total?",
+          "answer": "In May she sold 48/2 = <<48/2=24>>24 clips.\nIn total 48+24 = <<48+24=72>>72.\n#### 72"}],
+        [[{"role": "user", "content": "Natalia sold 48 clips in April and half as many in May. How many in total?"},
+          {"role": "assistant", "content": "72",
+           "thinking": "In May she sold 48/2 = 24 clips.\nIn total 48+24 = 72."}]]),
+    "tinystories": (
+        [{"text": "Once upon a time, there was a little red ball."}, {"text": "Tom liked to run.\n\nHe ran fast."}],
+        ["Once upon a time, there was a little red ball.", "Tom liked to run.\n\nHe ran fast."]),
+    "fineweb-edu": (
+        [{"text": "Photosynthesis turns light into sugar.", "id": "<urn:uuid:1>", "dump": "CC-MAIN-2024-10",
+          "url": "https://example.org/a", "file_path": "s3://x", "language": "en", "language_score": 0.97,
+          "token_count": 7, "score": 3.1, "int_score": 3}],
+        ["Photosynthesis turns light into sugar."]),
+}
+
+
+def write_parquet(path, records):
+    columns = {k: [r.get(k) for r in records] for r in records for k in r}  # every row's keys, not the first's
+    pq.write_table(pa.Table.from_pydict(columns), path)
+    return str(path)
+
+
+def docs_of(spec, tmp_args=()):
+    args = prepare.parse_args([spec, *tmp_args])
+    stats = prepare.new_stats()
+    return list(prepare.documents(prepare.open_source(spec, args), stats)), stats
+
+
+def normalized(doc):
+    if isinstance(doc, str):
+        return doc
+    return [{k: v for k, v in m.items() if not (k == "thinking" and v is None)} for m in doc]
+
+
+@pytest.mark.parametrize("name", list(FIXTURES))
+def test_recipe_on_local_file_in_real_schema(tmp_path, name):
+    records, expected = FIXTURES[name]
+    docs, stats = docs_of(f"{name}={write_parquet(tmp_path / 'train-00000-of-00001.parquet', records)}")
+    assert [normalized(d) for d in docs] == expected and stats["skipped"] == 0
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "fineweb-edu"])
+def test_recipe_from_the_hub_streams_when_sampling(monkeypatch, name):
+    calls = []
+
+    def fake_load_dataset(path, config=None, **kwargs):  # stands in for the Hub: same records, same call
+        calls.append((path, config, kwargs))
+        return iter(FIXTURES[name][0] * 5)
+    import datasets
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    docs, _ = docs_of(name, ["--max-samples", "3"])
+    assert [normalized(d) for d in docs] == (FIXTURES[name][1] * 3)[:3]
+    path, config, _ = prepare.RECIPES[name]
+    assert calls == [(path, config, {"split": "train", "streaming": True})]
+    docs_of(name)
+    assert calls[1][:2] == (path, config) and not calls[1][2].get("streaming")
+
+
+def test_all_recipes_mixed_into_one_output(tmp_path):
+    specs, expected = [], collections.Counter()
+    for name, (records, docs) in FIXTURES.items():
+        specs.append(f"{name}={write_parquet(tmp_path / f'{name}.parquet', records)}")
+        for doc in docs:
+            if isinstance(doc, str):
+                expected[tuple([BOS] + BYTE.encode_ordinary(doc) + [EOS])] += 1
+            else:
+                expected[tuple(render_conversation(doc, BYTE)[0])] += 1
+    out = tmp_path / "mixed"
+    main([*specs, "--tokenizer", "byte", "--val-fraction", "0.3", "--out", str(out)])
+    meta = json.loads((out / "meta.json").read_text())
+    got = read_split(out, "train") + read_split(out, "val")
+    assert collections.Counter(tuple(ids) for ids, _ in got) == expected
+    for ids, mask in got:
+        is_chat = ids[1] in (259, 261)  # <|system|> or <|user|>
+        assert mask == (expected_mask(ids) if is_chat else [0] + [1] * (len(ids) - 1))
+    assert set(meta["sources"]) == set(FIXTURES)
+    assert all(s["train_documents"] + s["val_documents"] == len(FIXTURES[n][1]) for n, s in meta["sources"].items())
+
+
+def test_local_files_of_every_shape(tmp_path):
+    (tmp_path / "notes.txt").write_text("First paragraph,\ntwo lines.\n\n\n Second one.\n\nThird <|eos|> one.\n")
+    rows = [{"question": "Q1 <|think|>", "answer": "A1"},
+            {"question": "Q2", "answer": "A2", "thinking": "because"},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>hm</think>Yo"}]},
+            {"conversations": [{"from": "human", "value": "Hey"}, {"from": "gpt", "value": "Hello"}]},
+            {"text": "Plain text record."}]
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    (tmp_path / "qa.json").write_text(json.dumps(rows))
+    write_parquet(tmp_path / "qa.parquet", rows[:2])
+    assert docs_of(str(tmp_path / "notes.txt"))[0] == ["First paragraph,\ntwo lines.", " Second one.",
+                                                       "Third <|eos|> one."]
+    want = [[{"role": "user", "content": "Q1 <|think|>"}, {"role": "assistant", "content": "A1"}],
+            [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2", "thinking": "because"}],
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "thinking": "hm"}],
+            [{"role": "user", "content": "Hey"}, {"role": "assistant", "content": "Hello"}],
+            "Plain text record."]
+    for name in ("qa.jsonl", "qa.json"):
+        assert [normalized(d) for d in docs_of(str(tmp_path / name))[0]] == want
+    assert [normalized(d) for d in docs_of(str(tmp_path / "qa.parquet"))[0]] == want[:2]
+    # through the bins: the literal "<|think|>" in the question stays text
+    main([str(tmp_path / "qa.jsonl"), str(tmp_path / "notes.txt"), "--tokenizer", "byte", "--val-fraction", "0.4",
+          "--out", str(tmp_path / "out")])
+    docs = read_split(tmp_path / "out", "train") + read_split(tmp_path / "out", "val")
+    q1 = [ids for ids, _ in docs if BYTE.decode(ids).startswith("<|bos|><|user|>Q1")]
+    assert len(docs) == 8 and len(q1) == 1 and q1[0].count(THINK) == 0 and q1[0].count(NO_THINK) == 1
+
+
+def test_malformed_records_are_skipped_and_counted(tmp_path, capsys):
+    good = [{"question": f"What is {i}?", "answer": str(i)} for i in range(30)]
+    bad = [{"question": "no answer"}, {"messages": [{"role": "wizard", "content": "x"}]}, [1, 2], "str",
+           {"messages": [{"role": "user", "content": "only a question"}]}]
+    (tmp_path / "mix.jsonl").write_text("\n".join(json.dumps(r) for r in good[:15] + bad + good[15:]))
+    main([str(tmp_path / "mix.jsonl"), "--tokenizer", "byte", "--out", str(tmp_path / "o"), "--val-fraction", "0.2"])
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert meta["sources"]["mix"]["skipped"] == 5
+    assert meta["train"]["documents"] + meta["val"]["documents"] == 30
+    assert "mix: skipped 5 malformed records" in capsys.readouterr().out
+
+
+def test_text_only_output_has_no_mask_and_drops_a_stale_one(tmp_path):
+    out = tmp_path / "o"
+    main(["--max-samples", "300", "--out", str(out)])
+    assert (out / "train_mask.bin").exists()
+    (tmp_path / "story.txt").write_text("\n\n".join(f"Story number {i} about a cat." for i in range(200)))
+    main([str(tmp_path / "story.txt"), "--tokenizer", "byte", "--out", str(out)])
+    assert not (out / "train_mask.bin").exists() and not (out / "val_mask.bin").exists()
+    assert json.loads((out / "meta.json").read_text())["mask"] is False
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_num_proc_does_not_change_the_output(tmp_path):
+    text = "\n\n".join(f"Paragraph {i}: " + "the quick brown fox jumps over the lazy dog " * (i % 7 + 1)
+                       for i in range(3000))
+    (tmp_path / "t.txt").write_text(text)
+    for p in ("1", "2"):
+        main([str(tmp_path / "t.txt"), "--tokenizer", "byte", "--num-proc", p, "--out", str(tmp_path / p)])
+    assert (tmp_path / "1" / "train.bin").read_bytes() == (tmp_path / "2" / "train.bin").read_bytes()
+    assert (tmp_path / "1" / "val.bin").read_bytes() == (tmp_path / "2" / "val.bin").read_bytes()
+
+
+def test_vocabulary_over_uint16_is_refused(monkeypatch, tmp_path, capsys):
+    import tiktoken
+    big = tiktoken.Encoding("big", pat_str=r"\S+|\s+", mergeable_ranks={bytes([b]): b for b in range(256)},
+                            special_tokens={"<|huge|>": 70000})
+    monkeypatch.setattr(prepare, "get_tokenizer", lambda name: big)
+    with pytest.raises(SystemExit) as e:
+        main(["--max-samples", "10", "--out", str(tmp_path / "o")])
+    assert "65535" in str(e.value) and not (tmp_path / "o" / "train.bin").exists()
+
+
+@pytest.mark.skipif(not os.environ.get(GPT2_RANKS_ENV), reason=f"set {GPT2_RANKS_ENV} (.ci/run does)")
+def test_gpt2_bins(tmp_path):
+    main(["--max-samples", "400", "--tokenizer", "gpt2", "--out", str(tmp_path)])
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50304 and meta["special_tokens"]["<|bos|>"] == 50257
+    enc = get_tokenizer("gpt2")
+    docs = read_split(tmp_path, "train", enc) + read_split(tmp_path, "val", enc)
+    assert len(docs) == 400
+    for ids, mask in docs[:50]:
+        assert ids[0] == 50257 and ids[-1] == 50258 and max(ids) <= 50268
+        text = enc.decode(ids)
+        assert text.startswith("<|bos|><|user|>") and text.endswith("<|/assistant|><|eos|>")
+        msgs = [{"role": "user", "content": text.split("<|user|>")[1].split("<|/user|>")[0]}]
+        answer = text.split("<|assistant|>")[1].split("<|/assistant|>")[0]
+        thinking = text.split("<|think|>")[1].split("<|/think|>")[0] if "<|think|>" in text else None
+        assert render_conversation(msgs + [{"role": "assistant", "content": answer, "thinking": thinking}], enc) \
+            == (ids, mask)
+
+
+# ---------------------------------------------------------------------------------- the command line
+
+def one_line_error(proc):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[-1]
+
+
+def test_unknown_dataset_lists_the_known_ones():
+    line = one_line_error(run_cli("nosuchset"))
+    assert line.startswith("prepare.py: error: unknown dataset 'nosuchset'")
+    assert all(name in line for name in ["reasoning", *prepare.RECIPES, ".jsonl"])
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    (tmp_path / "broken.jsonl").write_text('{"question": "a", "answer": "b"}\n{"question": "c", "answer": \n')
+    (tmp_path / "junk.jsonl").write_text('{"foo": 1}\n{"bar": 2}\n')
+    line = one_line_error(run_cli(str(tmp_path / "broken.jsonl"), "--tokenizer", "byte", "--out", str(tmp_path / "o")))
+    assert "broken.jsonl:2: invalid JSON" in line
+    assert "no documents" in one_line_error(run_cli(str(tmp_path / "junk.jsonl"), "--out", str(tmp_path / "o"),
+                                                    "--tokenizer", "byte"))
+    assert "no such file" in one_line_error(run_cli(str(tmp_path / "missing.jsonl")))
+    assert "--val-fraction" in one_line_error(run_cli("--val-fraction", "1.5"))
+    assert "unknown recipe" in one_line_error(run_cli("alpaca=x.jsonl"))
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+
+
+def test_hub_or_gpt2_ranks_unreachable_is_one_line(tmp_path):
+    line = one_line_error(run_cli("gsm8k", "--max-samples", "5", "--tokenizer", "byte", "--out", str(tmp_path / "o")))
+    assert line.startswith("prepare.py: error: cannot load gsm8k (openai/gsm8k) from the Hugging Face Hub")
+    assert "gsm8k=FILE" in line and not (tmp_path / "o").exists()
+    line = one_line_error(run_cli("--tokenizer", "gpt2", env={GPT2_RANKS_ENV: str(tmp_path / "none.tiktoken")}))
+    assert line.startswith("prepare.py: error: cannot load the GPT-2 BPE ranks") and "--tokenizer byte" in line
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_interrupted_run_leaves_no_train_bin(tmp_path, sig):
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "prepare.py"), "--max-samples", "5000000",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not ((out / "train.bin.tmp").exists() and (out / "train.bin.tmp").stat().st_size > 0):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert not (out / "train.bin").exists() and not (out / "meta.json").exists()
+    if sig == signal.SIGINT:  # a clean interruption also removes its temporary files and the new folder
+        assert not out.exists() and err.strip() == "prepare.py: interrupted; nothing was written"

@@ -1,0 +1,156 @@
+"""
+Tokenizers and the chat format.
+
+Two tiktoken encodings, both extended with the same 12 chat special tokens:
+  "gpt2" - GPT-2 BPE (50257 tokens incl. <|endoftext|>) for real text; specials are 50257..50268
+  "byte" - one token per byte (256 tokens) for the built-in dataset and fully offline use; specials 256..267
+
+A conversation is rendered as
+  <|bos|> [<|system|>…<|/system|>] <|user|>…<|/user|> <|think|>…<|/think|> <|assistant|>…<|/assistant|> …
+  <|eos|>
+with <|no_think|> in place of the think block when the assistant answers directly. The loss mask is 1
+exactly on what the model must learn to produce: the think block (or <|no_think|>), the assistant turn
+and the final <|eos|>. Text from users and datasets is always encoded with encode_ordinary, so a literal
+"<|think|>" typed by a user stays ordinary text and can never become a control token.
+"""
+import os
+
+import tiktoken
+from tiktoken_ext.openai_public import r50k_pat_str as GPT2_PATTERN  # GPT-2's pre-tokenizer regex
+
+SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|/system|>", "<|user|>", "<|/user|>",
+                  "<|assistant|>", "<|/assistant|>", "<|think|>", "<|/think|>", "<|no_think|>"]
+TOKENIZERS = ("gpt2", "byte")
+GPT2_RANKS_ENV = "NANOFORGE_GPT2_RANKS"  # a local gpt2.tiktoken file (e.g. from the openai-whisper sdist)
+
+
+class TokenizerError(Exception):
+    """A user-facing problem with a tokenizer, explained in one line."""
+
+
+def get_tokenizer(name):
+    """The named tiktoken encoding with the chat special tokens appended after its base vocabulary."""
+    if name == "byte":
+        return _with_chat_tokens("byte", {bytes([b]): b for b in range(256)}, {})
+    if name == "gpt2":
+        return _with_chat_tokens("gpt2", _gpt2_ranks(), {"<|endoftext|>": 50256})
+    raise TokenizerError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}")
+
+
+def _with_chat_tokens(name, ranks, base_specials):
+    """One shared rule for every tokenizer: special token i gets id base_vocab + i. Both use GPT-2's split
+    pattern; for "byte" (no merges) it only groups bytes before lookup and never changes the ids."""
+    base = len(ranks) + len(base_specials)
+    specials = {**base_specials, **{tok: base + i for i, tok in enumerate(SPECIAL_TOKENS)}}
+    return tiktoken.Encoding(name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+
+
+def _gpt2_ranks():
+    """GPT-2's BPE ranks: from the file named by $NANOFORGE_GPT2_RANKS, else tiktoken's (cached) download."""
+    from tiktoken.load import load_tiktoken_bpe
+    path = os.environ.get(GPT2_RANKS_ENV)
+    try:
+        if path:
+            ranks = load_tiktoken_bpe(path)
+        else:
+            import tiktoken_ext.openai_public
+            ranks = tiktoken_ext.openai_public.gpt2()["mergeable_ranks"]
+    except Exception as e:  # network errors, a missing or corrupt file: all end the same way for the user
+        where = f"from {GPT2_RANKS_ENV}={path}" if path else "(tiktoken downloads them on first use)"
+        raise TokenizerError(f"cannot load the GPT-2 BPE ranks {where}: {type(e).__name__}. Use --tokenizer byte, "
+                             f"pre-fill TIKTOKEN_CACHE_DIR, or set {GPT2_RANKS_ENV} to a gpt2.tiktoken file") from None
+    if len(ranks) != 50256:
+        raise TokenizerError(f"{path or 'the download'} holds {len(ranks)} ranks, GPT-2 has 50256: "
+                             f"point {GPT2_RANKS_ENV} at gpt2.tiktoken")
+    return ranks
+
+
+def padded_vocab_size(enc):
+    """The model's vocabulary: enc.n_vocab rounded up to a multiple of 64 (faster matmuls, room to spare)."""
+    return (enc.n_vocab + 63) // 64 * 64
+
+
+def special_ids(enc):
+    """{special token: id} for the chat tokens."""
+    return {tok: enc.encode_single_token(tok) for tok in SPECIAL_TOKENS}
+
+
+# ---------------------------------------------------------------------------------------------- chat format
+
+def _render_turns(messages, enc):
+    """<|bos|> and every turn, with the loss mask (no final <|eos|>)."""
+    sp = special_ids(enc)
+    ids, mask = [sp["<|bos|>"]], [0]
+
+    def turn(open_tag, text, close_tag, learn):
+        piece = [sp[open_tag]] + enc.encode_ordinary(text) + [sp[close_tag]]  # text never yields a special id
+        ids.extend(piece)
+        mask.extend([learn] * len(piece))
+
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of {role, content} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"message {i}: expected a dict with role and content")
+        role, content, thinking = m.get("role"), m.get("content"), m.get("thinking")
+        if not isinstance(content, str) or not (thinking is None or isinstance(thinking, str)):
+            raise ValueError(f"message {i}: content must be a string, thinking a string or None")
+        if role == "system" and i == 0:
+            turn("<|system|>", content, "<|/system|>", 0)
+        elif role == "user":
+            turn("<|user|>", content, "<|/user|>", 0)
+        elif role == "assistant":
+            if thinking is None:
+                ids.append(sp["<|no_think|>"])
+                mask.append(1)
+            else:
+                turn("<|think|>", thinking, "<|/think|>", 1)
+            turn("<|assistant|>", content, "<|/assistant|>", 1)
+        else:
+            raise ValueError(f"message {i}: role must be system (first only), user or assistant, got {role!r}")
+    return ids, mask
+
+
+def render_conversation(messages, enc):
+    """A whole conversation as a training document: (ids, mask), mask 1 on the tokens to learn."""
+    ids, mask = _render_turns(messages, enc)
+    return ids + [enc.encode_single_token("<|eos|>")], mask + [1]
+
+
+def render_prompt(messages, enc, reasoning="auto"):
+    """The history (ending with a user turn) ready for generation of the assistant's reply.
+    reasoning: "on" forces a think block, "off" forces a direct answer, "auto" lets the model choose."""
+    if not messages or messages[-1].get("role") != "user":
+        raise ValueError("the prompt must end with a user message")
+    suffix = {"auto": [], "on": ["<|think|>"], "off": ["<|no_think|>", "<|assistant|>"]}
+    if reasoning not in suffix:
+        raise ValueError(f"reasoning must be one of {', '.join(suffix)}, got {reasoning!r}")
+    ids, _ = _render_turns(messages, enc)
+    return ids + [enc.encode_single_token(t) for t in suffix[reasoning]]
+
+
+def split_thinking(ids, enc):
+    """Generated ids -> (thinking, answer) as text, special tokens stripped. ids may be the reply alone or
+    the prompt followed by the reply as generated, up to its stop token (then what follows the last <|/user|>
+    is the reply): pass the prompt too when it forced <|think|>, so thinking cut off before <|/think|> still
+    reads as thinking. The reply ends at the first <|/assistant|> or <|eos|>; without <|/think|> it is all
+    answer, unless a <|think|> opened."""
+    sp = special_ids(enc)
+    ids = list(ids)
+    if sp["<|/user|>"] in ids:
+        ids = ids[len(ids) - ids[::-1].index(sp["<|/user|>"]):]
+    for stop in (sp["<|/assistant|>"], sp["<|eos|>"]):
+        if stop in ids:
+            ids = ids[:ids.index(stop)]
+    if sp["<|/think|>"] in ids:
+        k = ids.index(sp["<|/think|>"])
+        thinking, answer = ids[:k], ids[k + 1:]
+    elif sp["<|think|>"] in ids:
+        thinking, answer = ids, []
+    else:
+        thinking, answer = [], ids
+    every_special = {enc.encode_single_token(t) for t in enc.special_tokens_set}
+
+    def text(part):
+        return enc.decode([t for t in part if t not in every_special]).strip()
+    return text(thinking), text(answer)
