@@ -78,7 +78,7 @@ def generate_reply(model, enc, ctx, prompt, sampling, generator=None, on_text=No
     if (text := stream.flush()) and on_text:  # the reply ended inside a character
         on_text(reply, text)
     reply.seconds = time.perf_counter() - t0
-    ids = [t for t in forced + reply.ids if t < enc.n_vocab]  # padding ids are not tokens of the tokenizer
+    ids = forced + reply.ids
     thinking, reply.answer = split_thinking(ids, enc)
     reply.thinking = thinking if sp["<|think|>"] in ids else None
     return reply

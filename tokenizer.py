@@ -13,6 +13,7 @@ exactly on what the model must learn to produce: the think block (or <|no_think|
 and the final <|eos|>. Text from users and datasets is always encoded with encode_ordinary, so a literal
 "<|think|>" typed by a user stays ordinary text and can never become a control token.
 """
+import base64
 import os
 
 import tiktoken
@@ -47,22 +48,28 @@ def _with_chat_tokens(name, ranks, base_specials):
 
 def _gpt2_ranks():
     """GPT-2's BPE ranks: from the file named by $NANOFORGE_GPT2_RANKS, else tiktoken's (cached) download."""
-    from tiktoken.load import load_tiktoken_bpe
     path = os.environ.get(GPT2_RANKS_ENV)
     try:
         if path:
-            ranks = load_tiktoken_bpe(path)
+            ranks = _read_ranks(path)
         else:
             import tiktoken_ext.openai_public
             ranks = tiktoken_ext.openai_public.gpt2()["mergeable_ranks"]
     except Exception as e:  # network errors, a missing or corrupt file: all end the same way for the user
         where = f"from {GPT2_RANKS_ENV}={path}" if path else "(tiktoken downloads them on first use)"
-        raise TokenizerError(f"cannot load the GPT-2 BPE ranks {where}: {type(e).__name__}. Use --tokenizer byte, "
+        raise TokenizerError(f"cannot load the GPT-2 BPE ranks {where}: {type(e).__name__}. Prepare with --tokenizer byte, "
                              f"pre-fill TIKTOKEN_CACHE_DIR, or set {GPT2_RANKS_ENV} to a gpt2.tiktoken file") from None
     if len(ranks) != 50256:
         raise TokenizerError(f"{path or 'the download'} holds {len(ranks)} ranks, GPT-2 has 50256: "
                              f"point {GPT2_RANKS_ENV} at gpt2.tiktoken")
     return ranks
+
+
+def _read_ranks(path):
+    """A tiktoken ranks file (lines of `base64(token) rank`), read directly: tiktoken's own loader keeps a
+    cached copy keyed by the path, so a file fixed in place would never be re-read."""
+    with open(path, "rb") as f:
+        return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in f if line.strip())}
 
 
 def padded_vocab_size(enc):
@@ -152,5 +159,6 @@ def split_thinking(ids, enc):
     every_special = {enc.encode_single_token(t) for t in enc.special_tokens_set}
 
     def text(part):
-        return enc.decode([t for t in part if t not in every_special]).strip()
+        # padding ids (n_vocab .. vocab_size) can be sampled by an undertrained model: they are not text
+        return enc.decode([t for t in part if t not in every_special and t < enc.n_vocab]).strip()
     return text(thinking), text(answer)
