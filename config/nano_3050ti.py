@@ -1,0 +1,23 @@
+# Forge-1 Nano (12 layers, d=768, 12/4 heads, 114M parameters) on a 4 GB RTX 3050 Ti / GTX 1650:
+# micro-batch 2 x 1024 tokens with activation checkpointing, 8 accumulation steps (16k tokens per step).
+#   needs: python prepare.py openhermes platypus openthoughts --max-samples 100000 --out data/forge
+#   run:   python train.py config/nano_3050ti.py
+# Out of memory? --batch_size=1 --grad_accum=16 keeps the tokens per step.
+out_dir = "out-nano"
+data_dir = "data/forge"
+n_layer = 12
+n_head = 12
+n_kv_head = 4
+n_embd = 768
+ffn_hidden = 2048
+block_size = 1024
+grad_checkpoint = True
+batch_size = 2
+grad_accum = 8
+max_iters = 20000
+learning_rate = 3e-4
+min_lr = 3e-5
+warmup_iters = max_iters * 2 // 100  # 2% warmup, then cosine
+eval_interval = 500
+eval_iters = 40
+ckpt_interval = 500
