@@ -27,7 +27,7 @@ from dataclasses import asdict
 
 import torch
 
-from model import CheckpointError, Forge, ModelConfig, load_checkpoint, save_checkpoint
+from model import CheckpointError, Forge, ModelConfig, find_checkpoint, load_checkpoint, save_checkpoint
 from tokenizer import SPECIAL_TOKENS, TokenizerError, get_tokenizer, special_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -315,7 +315,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the exported weights")
     args = p.parse_args(argv)
     if args.ckpt is None:
-        args.ckpt = "out/best.pt" if os.path.isfile("out/best.pt") else "out/ckpt.pt"
+        args.ckpt = find_checkpoint("out")
     out_dir = args.out or os.path.join(os.path.dirname(args.ckpt), "export")
     formats = ["pt", "safetensors", "hf"] if args.format == "all" else [args.format]
     try:

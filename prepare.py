@@ -166,11 +166,11 @@ def task_count(rng, d):
     word = rng.choice(WORDS)
     letter = rng.choice(word) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
     n, spelled = 0, []
-    for ch in word:  # spell the word with a running count
-        n += ch == letter
-        spelled.append(f"{ch}{n}")
+    for ch in word:  # spell the word, comparing each letter with the one asked for, with a running count:
+        n += ch == letter  # the letter is restated at every step so the comparison is local
+        spelled.append(f"{ch}{'=' if ch == letter else '≠'}{letter} {n}")
     q = rng.choice(["How many times does the letter {} appear in {}?", "How many {}'s are in {}?"]).format(letter, word)
-    return f"count {word} {letter}", q, [" ".join(spelled)], str(n)
+    return f"count {word} {letter}", q, [", ".join(spelled)], str(n)
 
 
 NAMES = ["Ana", "Ben", "Mia", "Sam", "Leo", "Zoe", "Max", "Ivy", "Tom", "Eva"]

@@ -110,8 +110,10 @@ def check_trace(task, question, thinking, answer):
     elif task == "max":
         assert last.endswith(f"-> {answer}")
     elif task == "count":
-        word = solve(question)[1][0]
-        assert "".join(p[0] for p in last.split()) == word and last.split()[-1][1:] == answer
+        word, letter = solve(question)[1]
+        steps = last.split(", ")  # "s≠r 0, t≠r 0, r=r 1, ...": each letter compared, a running count
+        assert [s[:4] for s in steps] == [f"{ch}{'=' if ch == letter else '≠'}{letter} " for ch in word]
+        assert steps[-1][4:] == answer
 
 
 # ---------------------------------------------------------------------------------- the built-in dataset
