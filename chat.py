@@ -42,7 +42,7 @@ class Reply:
     answer: str = ""
 
 
-def generate_reply(model, enc, ctx, prompt, sampling, generator=None, on_text=None, interruptible=False):
+def generate_reply(model, enc, prompt, sampling, generator=None, on_text=None, interruptible=False):
     """Generate the assistant's turn for prompt (from render_prompt). on_text(reply, text) is called as
     printable text arrives, with reply.part telling whether it is thinking or answer. With interruptible,
     Ctrl-C ends the reply early (finish="interrupted") instead of propagating."""
@@ -56,21 +56,20 @@ def generate_reply(model, enc, ctx, prompt, sampling, generator=None, on_text=No
     stream = TextStream(enc)
     t0 = time.perf_counter()
     try:
-        with ctx:
-            for token_id in model.generate(prompt, **sampling, stop_ids=stop_ids, generator=generator):
-                reply.ids.append(token_id)
-                if token_id in stop_ids:
-                    reply.finish = "stop"
-                    break
-                text = stream(token_id)  # a special token flushes a half-decoded character of its part
-                if token_id == sp["<|think|>"]:
-                    reply.part = "thinking"
-                elif token_id == sp["<|/think|>"]:
-                    reply.part = "answer"
-                elif reply.part == "thinking" and token_id not in stream.special:
-                    reply.thinking_tokens += 1
-                if text and on_text:
-                    on_text(reply, text)
+        for token_id in model.generate(prompt, **sampling, stop_ids=stop_ids, generator=generator):
+            reply.ids.append(token_id)
+            if token_id in stop_ids:
+                reply.finish = "stop"
+                break
+            text = stream(token_id)  # a special token flushes a half-decoded character of its part
+            if token_id == sp["<|think|>"]:
+                reply.part = "thinking"
+            elif token_id == sp["<|/think|>"]:
+                reply.part = "answer"
+            elif reply.part == "thinking" and token_id not in stream.special:
+                reply.thinking_tokens += 1
+            if text and on_text:
+                on_text(reply, text)
     except KeyboardInterrupt:
         if not interruptible:
             raise
@@ -120,9 +119,9 @@ Ctrl-C stops a reply and keeps the chat."""
 
 
 class Chat:
-    def __init__(self, model, enc, ctx, sampling, generator, system=None, reasoning="auto", show_thinking=False,
+    def __init__(self, model, enc, sampling, generator, system=None, reasoning="auto", show_thinking=False,
                  out=None, ansi=False, info=None):
-        self.model, self.enc, self.ctx, self.sampling, self.generator = model, enc, ctx, sampling, generator
+        self.model, self.enc, self.sampling, self.generator = model, enc, sampling, generator
         self.system, self.reasoning, self.show_thinking = system, reasoning, show_thinking
         self.out, self.ansi, self.info = out or sys.stdout, ansi, info or {}
         self.turns = []            # the whole conversation, for /save and /history
@@ -214,7 +213,7 @@ class Chat:
             self.note("(your message does not fit the context: the model sees only its end)")
         prompt = render_prompt(window, self.enc, self.reasoning)
         printer = ReplyPrinter(self)
-        reply = generate_reply(self.model, self.enc, self.ctx, prompt, self.sampling, self.generator,
+        reply = generate_reply(self.model, self.enc, prompt, self.sampling, self.generator,
                                on_text=printer, interruptible=True)
         printer.finish(reply)
         self.turns.append({"role": "assistant", "content": reply.answer, "thinking": reply.thinking})
@@ -271,11 +270,11 @@ def main():
     args = parser.parse_args()
     robust_stdio()
     sampling = sampling_kwargs(args)
-    model, enc, ctx, ckpt = load_model(args)
+    model, enc, ckpt = load_model(args)
     interactive = sys.stdin.isatty()
     info = {"checkpoint": checkpoint_path(args), "iter_num": ckpt.get("iter_num"), "tokenizer": enc.name,
             "sampling": sampling}
-    chat = Chat(model, enc, ctx, sampling, make_generator(model, args.seed), system=args.system,
+    chat = Chat(model, enc, sampling, make_generator(model, args.seed), system=args.system,
                 reasoning=args.reason, show_thinking=args.show_thinking, ansi=sys.stdout.isatty(), info=info)
     if interactive:
         try:

@@ -55,7 +55,7 @@ def read_meta(data_dir):
 
 
 @torch.no_grad()
-def val_loss(model, ctx, data_dir, batch_size, max_tokens):
+def val_loss(model, data_dir, batch_size, max_tokens):
     """Mean cross-entropy per predicted token over val.bin, read as consecutive windows of the model's
     context (every token once, so the number is the same every run). Where val_mask.bin exists only the
     targets train.py learns count, as in training. Returns (loss, number of tokens scored)."""
@@ -78,8 +78,7 @@ def val_loss(model, ctx, data_dir, batch_size, max_tokens):
         scored = int((y != -1).sum())
         if scored == 0:
             continue  # a window of prompt tokens only: nothing to learn there, and its mean loss is nan
-        with ctx:
-            _, loss = model(x.to(device), y.to(device))
+        _, loss = model(x.to(device), y.to(device))
         total, count = total + loss.item() * scored, count + scored
     if count == 0:
         die(f"{data_dir}/val.bin has no tokens to score")
@@ -133,13 +132,13 @@ def gsm8k_items(path, limit=None):
     return items
 
 
-def reasoning_score(model, enc, ctx, items, sampling, generator, progress=None):
+def reasoning_score(model, enc, items, sampling, generator, progress=None):
     """Answer every item twice, thinking forced on and forced off -> raw counts {task: {mode: tally}}."""
     tally = {}
     progress = sys.stderr.isatty() if progress is None else progress  # a counter, on a terminal only
     for i, (task, messages, answer) in enumerate(items):
         for mode in ("on", "off"):
-            reply = generate_reply(model, enc, ctx, render_prompt(messages, enc, mode), sampling, generator)
+            reply = generate_reply(model, enc, render_prompt(messages, enc, mode), sampling, generator)
             t = tally.setdefault(task, {}).setdefault(mode, dict.fromkeys(TALLY, 0))
             t["n"] += 1
             t["correct"] += is_correct(task, reply.answer, answer)
@@ -200,12 +199,12 @@ def difficulty_of(meta):
 # ----------------------------------------------------------------------------- showcase
 
 
-def showcase(model, enc, ctx, sampling, generator):
+def showcase(model, enc, sampling, generator):
     """The showcase prompts, the model choosing whether to think (reasoning auto)."""
     results = []
     for prompt in SHOWCASE:
         messages = [{"role": "user", "content": prompt}]
-        reply = generate_reply(model, enc, ctx, render_prompt(messages, enc, "auto"), sampling, generator)
+        reply = generate_reply(model, enc, render_prompt(messages, enc, "auto"), sampling, generator)
         results.append(dict(prompt=prompt, thought=reply.thinking is not None, thinking=reply.thinking,
                             answer=reply.answer, tokens=len(reply.ids), seconds=round(reply.seconds, 3)))
     return results
@@ -252,7 +251,7 @@ def main():
     robust_stdio()
     sampling = sampling_kwargs(args)
     gsm8k = gsm8k_items(args.gsm8k, args.gsm8k_items) if args.gsm8k else None  # a bad file fails before any work
-    model, enc, ctx, ckpt = load_model(args)
+    model, enc, ckpt = load_model(args)
     generator = make_generator(model, args.seed)
     data_dir = args.data or (ckpt.get("config") or {}).get("data_dir") or os.path.join("data", "reasoning")
     report = {"checkpoint": checkpoint_path(args), "iter_num": ckpt.get("iter_num"), "tokenizer": enc.name,
@@ -267,7 +266,7 @@ def main():
         if meta.get("tokenizer") != enc.name:
             die(f"{data_dir} was prepared with the {meta.get('tokenizer')} tokenizer, the checkpoint uses {enc.name}")
         t0 = time.perf_counter()
-        loss, n = val_loss(model, ctx, data_dir, args.batch_size, args.val_tokens)
+        loss, n = val_loss(model, data_dir, args.batch_size, args.val_tokens)
         report["val"] = dict(data=data_dir, loss=loss, perplexity=math.exp(loss), tokens=n)
         print(f"\nval loss {loss:.4f}, perplexity {math.exp(loss):.2f} ({n:,} tokens of {data_dir}/val.bin, "
               f"{time.perf_counter() - t0:.1f}s)")
@@ -281,17 +280,17 @@ def main():
         difficulty = difficulty_of(meta)
         items = list(heldout_items(args.items * len(TASKS), difficulty=difficulty))
         print(f"\nreasoning score: {args.items} held-out problems per task, thinking forced on vs forced off")
-        summary = summarize(reasoning_score(model, enc, ctx, items, sampling, generator))
+        summary = summarize(reasoning_score(model, enc, items, sampling, generator))
         report["reasoning"] = {"difficulty": asdict(difficulty), "tasks": summary}
         print(score_table(summary))
     if gsm8k:
         print(f"\nGSM8K: {len(gsm8k)} problems of {args.gsm8k}, scored on the final number")
-        summary = summarize(reasoning_score(model, enc, ctx, gsm8k, sampling, generator))
+        summary = summarize(reasoning_score(model, enc, gsm8k, sampling, generator))
         report["gsm8k"] = {"file": args.gsm8k, **summary["gsm8k"]}
         print(score_table(summary))
 
     # 3. showcase
-    report["showcase"] = showcase(model, enc, ctx, sampling, generator)
+    report["showcase"] = showcase(model, enc, sampling, generator)
     print("\nshowcase (the model chooses whether to think):")
     print_showcase(report["showcase"])
 

@@ -1,6 +1,5 @@
 """chat.py: a scripted session through a real subprocess with piped stdin, the reply display against
 exact expected output (a scripted model), Ctrl-C, and which part of a long conversation the model sees."""
-import contextlib
 import io
 import json
 from types import SimpleNamespace
@@ -43,7 +42,7 @@ def text(s):
 
 def new_chat(model, **kwargs):
     out = io.StringIO()
-    chat = Chat(model, ENC, ctx=contextlib.nullcontext(), sampling=GREEDY, generator=None, out=out, **kwargs)
+    chat = Chat(model, ENC, sampling=GREEDY, generator=None, out=out, **kwargs)
     return chat, out
 
 

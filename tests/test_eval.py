@@ -1,6 +1,5 @@
 """eval.py: the answer checkers, GSM8K parsing, the val loss against a naive per-token reference, the
 reasoning score with a scripted oracle, and eval.py end to end on a checkpoint trained by train.py."""
-import contextlib
 import json
 import math
 
@@ -51,7 +50,7 @@ def test_val_loss_matches_a_per_token_reference(tmp_path):
     data, mask = rng.integers(0, 268, 150).astype(np.uint16), rng.integers(0, 2, 150).astype(np.uint8)
     data.tofile(tmp_path / "val.bin")
     mask.tofile(tmp_path / "val_mask.bin")
-    loss, n = val_loss(model, contextlib.nullcontext(), str(tmp_path), batch_size=3, max_tokens=10**6)
+    loss, n = val_loss(model, str(tmp_path), batch_size=3, max_tokens=10**6)
 
     losses = []  # reference: every window of 16 tokens, each masked-in target on its own
     with torch.no_grad():
@@ -79,7 +78,7 @@ ANSWERS = {messages[-1]["content"]: answer for _, messages, answer in ITEMS}
 
 def test_reasoning_score_shows_what_thinking_buys():
     greedy = dict(max_new_tokens=50, temperature=0.0, top_k=None, top_p=None)
-    tally = reasoning_score(ScriptedModel(oracle), ENC, contextlib.nullcontext(), ITEMS, greedy, None, progress=False)
+    tally = reasoning_score(ScriptedModel(oracle), ENC, ITEMS, greedy, None, progress=False)
     summary = summarize(tally)
     assert list(summary) == TASKS + ["all"]
     for task in TASKS:

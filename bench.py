@@ -1,0 +1,516 @@
+"""
+Benchmarks: nanoforge's speed against a peer, measured side by side in one process.
+
+    python bench.py                                  # every section at this machine's sizes (2-core CPU: ~5 min)
+    python bench.py --quick                          # small sizes, few repeats: under a minute on 2 cores
+    python bench.py --sections train,generate --device cuda --dtype bfloat16 --compile --json bench.json
+
+Sections:
+  peak      the device's measured matmul rate per dtype: the ceiling that MFU is a fraction of
+  train     a training step (forward + backward + AdamW) in tokens/s and MFU: model.py against
+            transformers' LlamaForCausalLM built with the identical config and the same weights (checked:
+            same logits), batch, dtype, SDPA attention, optimizer and compile setting
+  generate  batch 1, greedy: prefill and decode tokens/s at prompt + output lengths of 256/512/1024:
+            model.py with its KV cache, model.py recomputing the whole sequence every step (what nanoGPT's
+            sample.py does), and LlamaForCausalLM.generate with its cache
+  data      train.py's get_batch from a memmap against the batches a training step consumes, and
+            prepare.py's tokenization of a generated text of 20 MB
+  memory    (CUDA) peak memory of one training step of each GPU preset in config/, against its target card
+
+Sizes: "tiny" is train.py's default CPU model (4 layers, d=256, byte vocabulary); "nano" is Forge-1 Nano
+(12 layers, d=768, GQA 12/4, GPT-2 vocabulary), at its full context on a GPU and a reduced one on a CPU.
+Timing: every contender is warmed up, then the contenders take turns (so background load hits them
+alike) and the median is reported. Ratios are ours / peer: above 1 means nanoforge is faster.
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from model import Forge, ModelConfig, amp_dtype, autocast, default_device
+
+SECTIONS = ("peak", "train", "generate", "data", "memory")
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GPU_PRESETS = {"nano_3050ti": 4, "mini_t4": 15, "yxanul_4090": 24}  # config file -> its target card's GiB
+CUDA_CONTEXT_GIB = 0.5  # what the CUDA context and kernels take on a card besides the allocator's memory
+MODELS = {
+    "tiny": ModelConfig(vocab_size=320, block_size=1024, n_layer=4, n_head=4, n_kv_head=2, n_embd=256),
+    "nano": ModelConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_kv_head=4, n_embd=768,
+                        ffn_hidden=2048),
+}
+
+
+class BenchError(Exception):
+    """A bad flag or a missing dependency, explained in one line."""
+
+
+@dataclass
+class Plan:
+    train: list          # [(size name, batch size, context)]
+    generate: list       # size names
+    lengths: list        # generation: prompt + output lengths
+    new_tokens: int      # generation: tokens generated per run (the recomputing path: an eighth)
+    reps: int            # timed repeats of a training step
+    gen_reps: int        # timed repeats of a generation run
+    data_mb: int         # megabytes of text to tokenize
+    memmap_tokens: int   # tokens in the memmap get_batch reads
+
+
+def make_plan(args):
+    """Sizes, lengths and repeat counts for this device and mode; the flags override them."""
+    if args.quick:
+        plan = Plan([("tiny", 4, 128), ("nano", 1, 64)], ["tiny"], [128, 256], 16, 3, 1, 20, 2_000_000)
+    elif args.device == "cuda":
+        plan = Plan([("tiny", 16, 256), ("nano", 8, 1024)], ["tiny", "nano"], [256, 512, 1024], 64, 10, 3, 20,
+                    20_000_000)
+    else:  # a CPU: the Nano shape with a reduced context and batch
+        plan = Plan([("tiny", 16, 256), ("nano", 2, 256)], ["tiny", "nano"], [256, 512, 1024], 64, 7, 3, 20,
+                    20_000_000)
+    plan.train = [(name, args.batch_size or b, args.block_size or t) for name, b, t in plan.train if name in args.sizes]
+    plan.generate = [name for name in plan.generate if name in args.sizes]
+    for flag in ("lengths", "new_tokens", "reps", "data_mb"):
+        if getattr(args, flag):
+            setattr(plan, flag, getattr(args, flag))
+    plan.gen_reps = args.reps or plan.gen_reps
+    if min(plan.lengths) <= plan.new_tokens:
+        raise BenchError(f"every generation length must exceed --new-tokens ({plan.new_tokens})")
+    return plan
+
+
+# ----------------------------------------------------------------------------- timing
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def race(contenders, reps, warmup, device):
+    """{name: median seconds of fn()} for contenders {name: fn}: each runs `warmup` times, then they take
+    turns, in alternating order so that neither always runs first."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in contenders}
+    for rep in range(reps):
+        for name in list(contenders)[::1 if rep % 2 == 0 else -1]:
+            sync(device)
+            t0 = time.perf_counter()
+            contenders[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+_peaks = {}
+
+
+def measure_peak(device, dtype, quick):
+    """FLOP/s of an n x n matmul in dtype (None = fp32), median of several."""
+    if (device, dtype) not in _peaks:
+        n = 1024 if quick else 8192 if device == "cuda" else 2048
+        a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+        seconds = race({"mm": lambda: a @ a}, reps=5 if quick else 10, warmup=2, device=device)["mm"]
+        _peaks[device, dtype] = 2 * n ** 3 / seconds
+    return _peaks[device, dtype]
+
+
+def fast_dtypes(device):
+    """The dtypes this device computes natively (fp16 on a CPU is emulated, bf16 needs AVX512-BF16 or AMX)."""
+    if device == "cuda":
+        return ["float32", "bfloat16", "float16"] if torch.cuda.is_bf16_supported() else ["float32", "float16"]
+    return ["float32", "bfloat16"] if device == "cpu" and amp_dtype("cpu") == torch.bfloat16 else ["float32"]
+
+
+# ----------------------------------------------------------------------------- the peer
+
+def llama_peer(ours):
+    """transformers' LlamaForCausalLM with our config and weights (export.py's mapping), SDPA attention."""
+    try:
+        import transformers
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        raise BenchError("the peer needs transformers: pip install -r requirements-dev.txt") from None
+    from export import hf_config, hf_state_dict
+    from tokenizer import get_tokenizer
+    transformers.logging.set_verbosity_error()
+    config = LlamaConfig(**hf_config(ours.config, get_tokenizer("byte"), "float32"), attn_implementation="sdpa")
+    with torch.device(ours.tok_emb.weight.device):
+        peer = LlamaForCausalLM(config)
+    peer.load_state_dict(hf_state_dict(ours), strict=False)  # no lm_head.weight: it is tied to embed_tokens
+    peer.generation_config.eos_token_id = None  # generate exactly max_new_tokens, as ours does
+    peer.generation_config.pad_token_id = 0
+    return peer
+
+
+def build_pair(cfg, device):
+    """(ours, peer) with identical weights, checked to compute the same logits."""
+    torch.manual_seed(0)
+    ours = Forge(cfg).to(device)
+    peer = llama_peer(ours)
+    idx = torch.randint(0, cfg.vocab_size, (1, 16), device=device)
+    with torch.no_grad():
+        diff = (ours(idx, idx)[0] - peer(idx).logits).abs().max().item()
+    if diff > 1e-3:
+        raise BenchError(f"the peer's logits differ from ours by {diff:.2g}: the two configs do not match")
+    return ours, peer
+
+
+# ----------------------------------------------------------------------------- peak and train
+
+def bench_peak(args, plan):
+    return [{"dtype": name, "TFLOP/s": measure_peak(args.device, DTYPES[name], args.quick) / 1e12}
+            for name in fast_dtypes(args.device)]
+
+
+def train_step(model, optimizer, x, y, ctx, peer):
+    with ctx:
+        loss = model(input_ids=x, labels=x).loss if peer else model(x, y)[1]  # Llama shifts its labels itself
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def bench_train(args, plan):
+    rows = []
+    peak = measure_peak(args.device, args.amp, args.quick)
+    for size, batch_size, context in plan.train:
+        cfg = replace(MODELS[size], block_size=context)
+        ours, peer = build_pair(cfg, args.device)
+        batch = torch.randint(0, cfg.vocab_size, (batch_size, context + 1), device=args.device)
+        x, y = batch[:, :-1], batch[:, 1:]
+        steps = {}
+        for name, model in (("ours", ours), ("peer", peer)):
+            # the same AdamW for both, built by the same code: decay on matrices, the fused kernel
+            opt = Forge.configure_optimizers(model, 0.1, 3e-4, (0.9, 0.95), args.device)
+            model = torch.compile(model) if args.compile else model
+            steps[name] = (lambda m=model, o=opt, p=name == "peer":
+                           train_step(m, o, x, y, autocast(args.device, args.amp), p))
+        seconds = race(steps, plan.reps, warmup=3 if args.compile else 2, device=args.device)
+        tokens = batch_size * context
+        flops = ours.flops_per_token(context) * tokens
+        for name in ("ours", "peer"):
+            rows.append({"size": size, "params (M)": ours.num_params()["total"] / 1e6,
+                         "batch x context": f"{batch_size}x{context}", "model": name,
+                         "ms/step": seconds[name] * 1e3, "tokens/s": tokens / seconds[name],
+                         "MFU %": 100 * flops / seconds[name] / peak,
+                         "ours/peer": seconds["peer"] / seconds["ours"] if name == "ours" else None})
+        del ours, peer, steps
+    return rows
+
+
+# ----------------------------------------------------------------------------- generate
+# Each contender returns the generated ids and the clock at the start and after every token: the first
+# token ends the prefill, the rest are decode steps.
+
+def run_cached(model, prompt, n):
+    """Forge.generate: the prompt fills the KV cache once, then every step feeds one token."""
+    ids, clock = [], [time.perf_counter()]
+    for token in model.generate(prompt, n, temperature=0):
+        ids.append(token)
+        clock.append(time.perf_counter())
+    return ids, clock
+
+
+def run_recomputed(model, prompt, n):
+    """nanoGPT's sample.py: every step runs the whole sequence again, no cache."""
+    idx = torch.tensor([prompt], device=model.rope_cos.device)
+    ids, clock = [], [time.perf_counter()]
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(idx)
+            ids.append(int(logits[0, -1].argmax()))
+            idx = torch.cat([idx, idx.new_tensor([[ids[-1]]])], dim=1)
+            clock.append(time.perf_counter())
+    return ids, clock
+
+
+class Clock:
+    """A generate() streamer that notes the time of every new token (its first put is the prompt)."""
+
+    def __init__(self):
+        self.ids, self.clock, self.prompt_seen = [], [time.perf_counter()], False
+
+    def put(self, value):
+        if self.prompt_seen:
+            self.ids.append(int(value.reshape(-1)[0]))
+            self.clock.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self):
+        pass
+
+
+def run_peer(peer, prompt, n):
+    """LlamaForCausalLM.generate, greedy, with its default (dynamic) KV cache."""
+    idx = torch.tensor([prompt], device=peer.device)
+    clock = Clock()
+    with torch.no_grad():
+        peer.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, do_sample=False, streamer=clock)
+    return clock.ids, clock.clock
+
+
+def bench_generate(args, plan):
+    rows = []
+    for size in plan.generate:
+        cfg = replace(MODELS[size], block_size=max(MODELS[size].block_size, *plan.lengths))
+        ours, peer = build_pair(cfg, args.device)
+        # both in the dtype's weights, as sample.py runs (casting once beats autocasting every op)
+        ours.eval().to(args.amp or torch.float32), peer.eval().to(args.amp or torch.float32)
+        n = plan.new_tokens
+        contenders = {"ours, KV cache": (run_cached, ours, n),
+                      "ours, recompute": (run_recomputed, ours, max(2, n // 8)),  # a step costs a prefill
+                      "peer generate": (run_peer, peer, n)}
+        for length in plan.lengths:
+            tokens = torch.randint(cfg.vocab_size, (length,), generator=torch.Generator().manual_seed(length)).tolist()
+            runs = {name: [] for name in contenders}
+
+            def runner(name):  # every contender ends at `length` tokens
+                fn, model, steps = contenders[name]
+                return lambda: runs[name].append(fn(model, tokens[:length - steps], steps))
+            race({name: runner(name) for name in contenders}, plan.gen_reps, 1, args.device)
+            decode = {}
+            for name, (_, _, steps) in contenders.items():
+                timed = runs[name][1:]  # the first run was the warm-up
+                decode[name] = statistics.median((steps - 1) / (c[-1] - c[1]) for _, c in timed)
+                rows.append({"size": size, "length": length, "model": name, "new tokens": steps,
+                             "prefill tok/s": statistics.median((length - steps) / (c[1] - c[0]) for _, c in timed),
+                             "decode tok/s": decode[name]})
+            for row in rows[-3:]:
+                row["decode vs peer"] = row["decode tok/s"] / decode["peer generate"]
+                row["decode vs recompute"] = row["decode tok/s"] / decode["ours, recompute"]
+            # same prompt, same weights, greedy: the same tokens, unless two logits nearly tie
+            rows[-3]["same ids as peer"] = runs["ours, KV cache"][0][0] == runs["peer generate"][0][0]
+        del ours, peer
+    return rows
+
+
+# ----------------------------------------------------------------------------- data
+
+def write_memmap(folder, n_tokens, vocab_size):
+    """A train.bin-like uint16 memmap of random tokens and its uint8 loss mask, as prepare.py writes them."""
+    rng = np.random.default_rng(0)
+    paths = os.path.join(folder, "train.bin"), os.path.join(folder, "train_mask.bin")
+    rng.integers(0, vocab_size, n_tokens, dtype=np.uint16).tofile(paths[0])
+    (rng.random(n_tokens) < 0.5).astype(np.uint8).tofile(paths[1])
+    return np.memmap(paths[0], dtype=np.uint16, mode="r"), np.memmap(paths[1], dtype=np.uint8, mode="r")
+
+
+def write_text(path, megabytes, seed=0):
+    """English-like text: sentences of common words and numbers, paragraphs (documents) between blank lines."""
+    words = ("the of and to in is was that for it with as he on be at by this had not are but from or have an "
+             "they which one you were her all she there would their we him been has when who will more no if out "
+             "so said what up its about into than them can only other new some could time these two may then do "
+             "first any my now such like our over man me even most made after also did many before must through "
+             "years where much your way well down should because each just those people how too little state "
+             "good very make world still own see men work long get here between both life being under never day "
+             "same another know while last might us great old year off come since against go came right used take "
+             "three 1 2 3 7 12 42 100 2024 reasoning think answer step therefore").split()
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        while f.tell() < megabytes * 1e6:
+            sentences = (" ".join(rng.choices(words, k=rng.randint(5, 20))).capitalize() + rng.choice(".?!")
+                         for _ in range(rng.randint(2, 8)))
+            f.write(" ".join(sentences) + "\n\n")
+    return os.path.getsize(path)
+
+
+def tokenize_with_prepare(path, tokenizer, out):
+    """prepare.py's whole path (read, encode in threads, split, write .bin) on a .txt file -> tokens."""
+    import prepare
+    with contextlib.redirect_stdout(io.StringIO()):  # its summary line
+        meta = prepare.prepare(prepare.parse_args([path, "--tokenizer", tokenizer, "--out", out]))
+    return meta["train"]["tokens"] + meta["val"]["tokens"]
+
+
+def bench_data(args, plan, train_rows):
+    rows = []
+    from train import get_batch
+    steps_per_s = {r["size"]: 1e3 / r["ms/step"] for r in train_rows if r["model"] == "ours"}
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens, mask = write_memmap(tmp, plan.memmap_tokens, 50304)
+        for size, batch_size, context in plan.train or [("nano", 8, 1024)]:
+            calls, gen = 50, torch.Generator().manual_seed(0)
+
+            def batches():
+                for _ in range(calls):
+                    get_batch(tokens, mask, batch_size, context, gen)
+            rate = calls / race({"get_batch": batches}, plan.reps, 1, "cpu")["get_batch"]
+            rows.append({"what": f"train.get_batch, batch {batch_size}x{context}", "per second": rate, "unit": "batches",
+                         "vs training step": rate / steps_per_s[size] if size in steps_per_s else None})
+        text = os.path.join(tmp, "text.txt")
+        nbytes = write_text(text, plan.data_mb)
+        # gpt2 only with local ranks: tiktoken's download would fail offline
+        for name in ["byte"] + (["gpt2"] if os.environ.get("NANOFORGE_GPT2_RANKS") else []):
+            t0 = time.perf_counter()
+            n = tokenize_with_prepare(text, name, os.path.join(tmp, name))
+            rows.append({"what": f"prepare.py, {name} tokenizer, {nbytes / 1e6:.0f} MB of text",
+                         "per second": n / (time.perf_counter() - t0), "unit": "tokens", "vs training step": None})
+    return rows
+
+
+# ----------------------------------------------------------------------------- memory
+
+def preset_memory(path, device):
+    """Training steps of a train.py config file at each of its micro-batch shapes (its curriculum stages
+    too), run as train.py runs them: its dtype, activation checkpointing and compile setting, GPT-2's
+    padded vocabulary. Two steps a shape: the second has AdamW's moments alive during forward and
+    backward, the steady state. -> ([(batch size, context, peak allocated and reserved bytes or None off
+    CUDA)], settings, autocast dtype)"""
+    import train
+    cfg = argparse.Namespace(**(train.DEFAULTS | train.read_config_file(path)))
+    ptdtype = train.choose_dtype(cfg, device)
+    _, model = train.build_model(cfg, {"vocab_size": 50304, "tokenizer": "gpt2"}, None, device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device)
+    scaler = torch.amp.GradScaler(device, enabled=ptdtype == torch.float16)
+    step_model = torch.compile(model) if train.choose_compile(cfg, device, ptdtype) else model
+    results = []
+    for context, batch_size in sorted({train.stage_at(cfg, it) for it in [0] + [s[0] for s in cfg.seq_curriculum]}):
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(2):
+            batch = torch.randint(0, 50304, (batch_size, context + 1), device=device)
+            with autocast(device, ptdtype):
+                loss = step_model(batch[:, :-1], batch[:, 1:])[1]
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        cuda = device == "cuda"
+        results.append((batch_size, context, torch.cuda.max_memory_allocated() if cuda else None,
+                        torch.cuda.max_memory_reserved() if cuda else None))
+    return results, cfg, ptdtype
+
+
+def bench_memory(args, plan):
+    if args.device != "cuda":
+        return {"skipped": f"CUDA only (device is {args.device})"}
+    rows = []
+    for preset, card_gib in GPU_PRESETS.items():
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", f"{preset}.py")
+        if not os.path.isfile(path):
+            raise BenchError(f"{path} is missing: the memory section measures the GPU presets in config/")
+        torch.cuda.empty_cache()
+        shapes, cfg, ptdtype = preset_memory(path, "cuda")
+        for batch_size, context, allocated, reserved in shapes:
+            rows.append({"preset": preset, "batch x context": f"{batch_size}x{context}",
+                         "dtype": str(ptdtype or torch.float32).removeprefix("torch."),
+                         "grad_checkpoint": cfg.grad_checkpoint, "peak allocated GiB": allocated / 2 ** 30,
+                         "peak reserved GiB": reserved / 2 ** 30, "card GiB": card_gib,
+                         "fits": reserved / 2 ** 30 + CUDA_CONTEXT_GIB < card_gib})
+    return rows
+
+
+# ----------------------------------------------------------------------------- output
+
+def fmt(value):
+    if isinstance(value, bool) or value is None:
+        return {True: "yes", False: "no", None: ""}[value]
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
+    return str(value)
+
+
+def print_table(title, rows):
+    print(f"\n### {title}\n")
+    if isinstance(rows, dict):
+        print(rows["skipped"])
+        return
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |")
+    print("|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
+    for row in cells:
+        print("| " + " | ".join(v.rjust(w) for v, w in zip(row, widths)) + " |")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {','.join(SECTIONS)}")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto: float32 on CPU and MPS (the targets' setting), the AMP dtype on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile ours and the peer alike (training)")
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats: under a minute on 2 cores")
+    p.add_argument("--sizes", default="tiny,nano", help="models for train and generate: tiny, nano")
+    p.add_argument("--batch-size", type=int, help="training micro-batch for every size")
+    p.add_argument("--block-size", type=int, help="training context for every size")
+    p.add_argument("--lengths", help="generation prompt+output lengths, e.g. 256,512,1024")
+    p.add_argument("--new-tokens", type=int, help="tokens generated per generation run")
+    p.add_argument("--reps", type=int, help="timed repeats per contender (the median is reported)")
+    p.add_argument("--data-mb", type=int, help="megabytes of text for the tokenization benchmark")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args(argv)
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if unknown := set(args.sections) - set(SECTIONS):
+        raise BenchError(f"unknown section(s) {', '.join(sorted(unknown))}: choose from {', '.join(SECTIONS)}")
+    args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    if unknown := set(args.sizes) - set(MODELS):
+        raise BenchError(f"unknown size(s) {', '.join(sorted(unknown))}: choose from {', '.join(MODELS)}")
+    try:
+        args.lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
+    except ValueError:
+        raise BenchError(f"--lengths takes comma-separated integers such as 256,512,1024, not {args.lengths!r}") from None
+    for flag in ("batch_size", "block_size", "new_tokens", "reps", "data_mb", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise BenchError(f"--{flag.replace('_', '-')} must be at least 1")
+    args.device = default_device() if args.device == "auto" else args.device
+    if args.device not in ("cpu", "cuda", "mps"):
+        raise BenchError(f"unknown device {args.device!r}: choose auto, cpu, cuda or mps")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda, but this torch sees no CUDA GPU: use --device auto or cpu")
+    if args.device == "mps" and not torch.backends.mps.is_available():
+        raise BenchError("--device mps, but MPS is not available here: use --device auto or cpu")
+    if args.dtype == "auto":
+        args.dtype = "float32" if args.device != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if args.dtype not in fast_dtypes(args.device):
+        raise BenchError(f"{args.dtype} is not native on this {args.device} (it would be emulated): use --dtype float32")
+    args.amp = DTYPES[args.dtype]
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(argv)
+        plan = make_plan(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        env = {"command": " ".join(["python", "bench.py", *argv]), "device": args.device,
+               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "load average": round(os.getloadavg()[0], 2), "torch": torch.__version__, "dtype": args.dtype,
+               "compile": args.compile}
+        print(", ".join(f"{k}: {v}" for k, v in env.items() if v is not None))
+        results, t0 = {"env": env}, time.perf_counter()
+        runners = {"peak": bench_peak, "train": bench_train, "generate": bench_generate, "memory": bench_memory,
+                   "data": lambda a, p: bench_data(a, p, results.get("train", []))}
+        for section in SECTIONS:  # in this order: data compares with train's results
+            if section in args.sections:
+                results[section] = runners[section](args, plan)
+                print_table(section, results[section])
+        env["seconds"] = round(time.perf_counter() - t0, 1)
+        env["load average after"] = round(os.getloadavg()[0], 2)
+        print(f"\n{env['seconds']} s, load average {env['load average']} before, {env['load average after']} after")
+        if args.json:
+            with open(args.json + ".tmp", "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
+    except BenchError as e:
+        sys.exit(f"bench.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
