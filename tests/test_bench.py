@@ -1,0 +1,92 @@
+"""bench.py: the quick run completes and reports finite positive numbers (no timing assertions: CI
+machines are noisy), its peer computes what we compute, and bad flags get a one-line error."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def numbers(tree):
+    """Every int and float in a JSON tree (booleans excluded)."""
+    if isinstance(tree, dict):
+        return [n for v in tree.values() for n in numbers(v)]
+    if isinstance(tree, list):
+        return [n for v in tree for n in numbers(v)]
+    return [tree] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
+
+
+def test_quick_run_reports_finite_positive_numbers(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "NANOFORGE_GPT2_RANKS": ""}  # byte tokenizer only: no ranks file needed
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert set(bench.SECTIONS) <= results.keys()
+    for section in ("peak", "train", "generate", "data"):
+        values = numbers(results[section])
+        assert values and all(math.isfinite(v) and v > 0 for v in values), section
+    assert {r["model"] for r in results["train"]} == {"ours", "peer"}
+    assert all(r["ours/peer"] > 0 for r in results["train"] if r["model"] == "ours")
+    assert {r["model"] for r in results["generate"]} == {"ours, KV cache", "ours, recompute", "peer generate"}
+    # same weights, same prompt, greedy: the peer is the same model, so the comparison is fair
+    assert all(r["same ids as peer"] for r in results["generate"] if "same ids as peer" in r)
+    assert any(r["unit"] == "tokens" and "prepare.py" in r["what"] for r in results["data"])
+    assert all(r["vs training step"] > 0 for r in results["data"] if r["unit"] == "batches")
+    assert "skipped" in results["memory"]  # CUDA only
+    assert "### train" in proc.stdout and "ours/peer" in proc.stdout  # the readable table
+
+
+def test_race_alternates_and_takes_medians(monkeypatch):
+    clock, calls = [0.0], []
+    durations = {"a": [9, 1, 1, 50, 1], "b": [9, 2, 2, 2, 3]}  # warm-up first; a has one slow run
+
+    def contender(name):
+        def run():
+            calls.append(name)
+            clock[0] += durations[name][calls.count(name) - 1]
+        return run
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    medians = bench.race({"a": contender("a"), "b": contender("b")}, reps=4, warmup=1, device="cpu")
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then alternating order
+    assert medians == {"a": 1, "b": 2}  # the warm-up is not timed, and one slow run does not count
+
+
+def test_the_peer_is_the_same_model():
+    ours, peer = bench.build_pair(bench.ModelConfig(vocab_size=320, block_size=64, n_layer=2, n_head=4,
+                                                    n_kv_head=2, n_embd=64), "cpu")
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in peer.parameters())
+    assert peer.config._attn_implementation == "sdpa" and peer.config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sections", "train,speed"], "unknown section(s) speed"),
+    (["--sizes", "huge"], "unknown size(s) huge"),
+    (["--lengths", "256,big"], "--lengths takes comma-separated integers"),
+    (["--reps", "0"], "--reps must be at least 1"),
+    (["--dtype", "float16", "--device", "cpu"], "float16 is not native on this cpu"),
+    (["--lengths", "16", "--new-tokens", "32"], "must exceed --new-tokens"),
+])
+def test_bad_flags_get_one_line_errors(argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    text = str(exit_info.value.code)
+    assert text.startswith("bench.py: error:") and message in text and "\n" not in text
+
+
+def test_a_preset_trains_as_train_py_runs_it(tmp_path):
+    """The memory section's step on CPU (its peak is CUDA only): a config file with a curriculum is run
+    at every micro-batch shape it trains at."""
+    config = tmp_path / "small.py"
+    config.write_text("n_layer = 1\nn_head = 2\nn_kv_head = 1\nn_embd = 32\nblock_size = 64\nbatch_size = 2\n"
+                      "dtype = 'float32'\ncompile = False\nseq_curriculum = [(10, 16, 4), (100, 32, 3)]\n")
+    shapes, cfg, ptdtype = bench.preset_memory(str(config), "cpu")
+    assert [s[:2] for s in shapes] == [(4, 16), (3, 32), (2, 64)] and ptdtype is None
+    assert all(s[2] is None for s in shapes) and cfg.n_embd == 32
