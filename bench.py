@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from model import Forge, ModelConfig, amp_dtype, autocast, default_device
+from model import Forge, ModelConfig, amp_dtype, autocast, resolve_device
 
 SECTIONS = ("peak", "train", "generate", "data", "memory")
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -466,13 +466,12 @@ def parse_args(argv):
     for flag in ("batch_size", "block_size", "new_tokens", "reps", "data_mb", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise BenchError(f"--{flag.replace('_', '-')} must be at least 1")
-    args.device = default_device() if args.device == "auto" else args.device
-    if args.device not in ("cpu", "cuda", "mps"):
+    if args.device not in ("auto", "cpu", "cuda", "mps"):  # the sections tell devices apart by these names
         raise BenchError(f"unknown device {args.device!r}: choose auto, cpu, cuda or mps")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda, but this torch sees no CUDA GPU: use --device auto or cpu")
-    if args.device == "mps" and not torch.backends.mps.is_available():
-        raise BenchError("--device mps, but MPS is not available here: use --device auto or cpu")
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
     if args.dtype == "auto":
         args.dtype = "float32" if args.device != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if args.dtype not in fast_dtypes(args.device):

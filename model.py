@@ -281,22 +281,35 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 # Shared by train.py, sample.py, chat.py, eval.py and bench.py so that every script picks the device,
 # the precision and the checkpoint format the same way.
 
-def default_device():
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+def resolve_device(name="auto"):
+    """'auto' -> cuda > mps > cpu; any other name (cpu, cuda, cuda:N, mps) is checked to exist here.
+    A bad name raises ValueError with a one-line message for the user."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    present = {"cpu": True, "mps": torch.backends.mps.is_available(),
+               "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()}
+    if not present.get(device.type, False):
+        raise ValueError(f"device {name!r} is not available on this machine: use auto or cpu")
+    return name
 
 
 def amp_dtype(device_type, dtype="auto"):
     """The autocast dtype, or None for plain fp32. 'auto': bf16 on GPUs that have it, else fp16 (train
     with a GradScaler); bf16 on CPUs with native bf16 (AVX512-BF16 or AMX), else fp32. Never fp16 on a
-    CPU: it is emulated there, ~1000x slower than fp32. MPS stays fp32 unless asked."""
+    CPU: it is emulated there, ~1000x slower than fp32. MPS stays fp32 unless asked. A dtype this device
+    cannot run raises ValueError with a one-line message for the user."""
     if dtype != "auto":
         choices = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
         if dtype not in choices:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+        if dtype == "float16" and device_type == "cpu":
+            raise ValueError("float16 is emulated on CPUs (~1000x slower than fp32): use bfloat16 or float32")
+        if dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("this GPU has no bfloat16: use float16 (or auto)")
         return choices[dtype]
     if device_type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from model import CheckpointError, amp_dtype, default_device, find_checkpoint, load_checkpoint
+from model import CheckpointError, amp_dtype, find_checkpoint, load_checkpoint, resolve_device
 from tokenizer import TokenizerError, get_tokenizer
 
 # ----------------------------------------------------------------------------- shared with chat.py, eval.py
@@ -69,31 +69,18 @@ def checkpoint_path(args):
     return args.ckpt or find_checkpoint(args.out_dir)
 
 
-def pick_device(name):
-    if name == "auto":
-        return default_device()
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        die(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    missing_gpu = device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
-    if not available.get(device.type, False) or missing_gpu:
-        die(f"device {name!r} is not available on this machine: use --device auto")
-    return name
-
-
 def inference_dtype(device_type, dtype, n_params):
     """The dtype the weights are cast to for generation (cast once, not autocast per op: half-precision
     weights halve the bytes read per token). auto: train.py's autocast dtype on GPUs. On a CPU with native
     bf16 only from 50M parameters up: decoding those is bound by reading the weights (Forge-1 Nano here: 71
     vs 42 tokens/s), while small models are bound by per-op overhead, higher in bf16 (the 3M default: 714
     vs 1449 tokens/s)."""
-    if device_type == "cpu" and dtype == "float16":
-        die("float16 is emulated on CPUs (very slow): use --dtype bfloat16 or float32")
     if dtype == "auto" and device_type == "cpu" and n_params < 50e6:
         return torch.float32
-    return amp_dtype(device_type, dtype) or torch.float32
+    try:
+        return amp_dtype(device_type, dtype) or torch.float32
+    except ValueError as e:
+        die(e)
 
 
 def load_model(args):
@@ -101,7 +88,10 @@ def load_model(args):
     in eval mode in its inference dtype, ckpt the checkpoint's dict without the weights (config, iter_num,
     ...). Any problem with it ends the script in one line."""
     path = checkpoint_path(args)
-    device = pick_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        die(e)
     try:
         model, ckpt = load_checkpoint(path, device)
         enc = get_tokenizer(ckpt.get("tokenizer", "byte"))

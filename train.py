@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import CheckpointError, Forge, ModelConfig, amp_dtype, autocast, default_device, load_checkpoint, save_checkpoint
+from model import CheckpointError, Forge, ModelConfig, amp_dtype, autocast, load_checkpoint, resolve_device, save_checkpoint
 
 # ----------------------------------------------------------------------------- defaults
 # The embedded demo: a 3M-parameter model on the built-in reasoning data (`python prepare.py`),
@@ -247,11 +247,10 @@ def to_device(batch, device):
 def setup_device(cfg):
     """(device, rank, local_rank, world_size) for this process; torchrun's variables mean DDP."""
     ddp = "RANK" in os.environ
-    name = default_device() if cfg.device == "auto" else cfg.device
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but this torch sees no CUDA GPU: use --device=auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device=mps but MPS is not available here: use --device=auto or cpu")
+    try:
+        name = resolve_device(cfg.device)
+    except ValueError as e:
+        raise ConfigError(f"device={cfg.device}: {e}") from None
     if not ddp:
         return name, 0, 0, 1
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -263,12 +262,10 @@ def setup_device(cfg):
 
 
 def choose_dtype(cfg, device_type):
-    ptdtype = amp_dtype(device_type, cfg.dtype)
-    if ptdtype == torch.float16 and device_type == "cpu":
-        raise ConfigError("dtype=float16 is emulated on CPUs (~1000x slower): use bfloat16 or float32")
-    if ptdtype == torch.bfloat16 and device_type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("this GPU has no bfloat16: use --dtype=float16 (or auto)")
-    return ptdtype
+    try:
+        return amp_dtype(device_type, cfg.dtype)
+    except ValueError as e:
+        raise ConfigError(f"dtype={cfg.dtype}: {e}") from None
 
 
 def choose_compile(cfg, device_type, ptdtype):
