@@ -596,7 +596,8 @@ def main(argv):
             dist.all_reduce(stats)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-        loss_val, grad_norm, stop_requested = stats[0].item() / world, grad_norm.item(), stats[1].item() > 0
+        loss_total, stop_votes, grad_norm = torch.cat([stats, grad_norm.float().view(1)]).tolist()  # one host sync
+        loss_val, stop_requested = loss_total / world, stop_votes > 0
         # An fp16 overflow is the GradScaler's business (it skips the step and lowers its scale); any other
         # non-finite loss or gradient is skipped here, and too many in a row end the run.
         if math.isfinite(loss_val) and (math.isfinite(grad_norm) or scaler.is_enabled()):
