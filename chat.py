@@ -77,7 +77,7 @@ def generate_reply(model, enc, prompt, sampling, generator=None, on_text=None, i
     if (text := stream.flush()) and on_text:  # the reply ended inside a character
         on_text(reply, text)
     reply.seconds = time.perf_counter() - t0
-    ids = forced + reply.ids
+    ids = forced + (reply.ids[:-1] if reply.finish == "stop" else reply.ids)  # the stop token may be a <|/user|>
     thinking, reply.answer = split_thinking(ids, enc)
     reply.thinking = thinking if sp["<|think|>"] in ids else None
     return reply

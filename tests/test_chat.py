@@ -79,6 +79,14 @@ def test_reply_stops_at_a_fake_user_turn_and_never_prints_special_tokens():
     assert chat.turns[-1] == {"role": "assistant", "content": "Hi!", "thinking": None}
 
 
+def test_a_reply_ending_in_a_stray_end_of_user_token_keeps_its_answer():
+    script = [SP["<|no_think|>"], SP["<|assistant|>"]] + text("Hi!") + [SP["<|/user|>"]]
+    chat, out = new_chat(ScriptedModel(script))
+    chat.handle("Hello")
+    assert out.getvalue() == "Hi!\n"
+    assert chat.turns[-1] == {"role": "assistant", "content": "Hi!", "thinking": None}
+
+
 def test_ctrl_c_stops_the_reply_and_keeps_the_chat():
     model = ScriptedModel([SP["<|no_think|>"], SP["<|assistant|>"]] + text("Hello there") + [SP["<|/assistant|>"]],
                           interrupt_after=5)
