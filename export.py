@@ -27,8 +27,8 @@ from dataclasses import asdict
 
 import torch
 
-from model import CheckpointError, Forge, ModelConfig, find_checkpoint, load_checkpoint, save_checkpoint
-from tokenizer import SPECIAL_TOKENS, TokenizerError, get_tokenizer, special_ids
+from model import CheckpointError, find_checkpoint, load_checkpoint, model_from, save_checkpoint
+from tokenizer import SPECIAL_TOKENS, TokenizerError, get_tokenizer, read_ranks, special_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,8 +38,8 @@ class ExportError(Exception):
 
 
 def cast(state_dict, dtype):
-    """Float tensors to dtype, contiguous and unshared (safetensors refuses views of one storage)."""
-    return {k: v.to(dtype).contiguous().clone() if v.is_floating_point() else v for k, v in state_dict.items()}
+    """Float tensors to dtype (no copy when they already are: Forge's tensors share no storage)."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
 # ----------------------------------------------------------------------------- pt and safetensors
@@ -69,8 +69,7 @@ def load_safetensors(path, device="cpu"):
         raise CheckpointError(f"cannot read {path} as safetensors ({type(e).__name__}): truncated or another format")
     if "model_args" not in metadata:
         raise CheckpointError(f"{path} was not written by export.py (no model_args in its metadata)")
-    model = Forge(ModelConfig(**json.loads(metadata["model_args"])))
-    model.load_state_dict(state_dict)
+    model = model_from(json.loads(metadata["model_args"]), state_dict, path)
     return model.to(device).eval(), metadata.get("tokenizer") or None
 
 
@@ -231,13 +230,11 @@ def save_tiktoken(enc, folder):
 
 
 def load_tiktoken(folder):
-    """The tiktoken.Encoding saved by save_tiktoken. The ranks are parsed here rather than by
-    tiktoken.load_tiktoken_bpe, which caches local files by path and would return a stale copy."""
+    """The tiktoken.Encoding saved by save_tiktoken."""
     import tiktoken
     with open(os.path.join(folder, "tiktoken.json")) as f:
         meta = json.load(f)
-    with open(os.path.join(folder, "tokenizer.tiktoken"), "rb") as f:
-        ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in f if line.strip())}
+    ranks = read_ranks(os.path.join(folder, "tokenizer.tiktoken"))
     return tiktoken.Encoding(meta["name"], pat_str=meta["pat_str"], mergeable_ranks=ranks,
                              special_tokens=meta["special_tokens"])
 
@@ -261,7 +258,7 @@ def export_hf(model, enc, folder, dtype=torch.float32):
         before, after = cfg.vocab_size * cfg.emb_rank + cfg.emb_rank * cfg.n_embd, cfg.vocab_size * cfg.n_embd
         print(f"note: the factorized embedding (emb_rank={cfg.emb_rank}) is multiplied out for Llama: "
               f"{before:,} -> {after:,} embedding parameters, so the hf export is larger than the checkpoint")
-    dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
     tmp = f"{folder}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -284,10 +281,7 @@ def export_hf(model, enc, folder, dtype=torch.float32):
 # ----------------------------------------------------------------------------- command line
 
 def export(ckpt_path, out_dir, formats, dtype_name="float32"):
-    try:
-        model, ckpt = load_checkpoint(ckpt_path)
-    except (TypeError, ValueError, RuntimeError) as e:  # model_args or tensors this model.py does not know
-        raise CheckpointError(f"{ckpt_path} does not fit this model.py: {' '.join(str(e).split())[:200]}")
+    model, ckpt = load_checkpoint(ckpt_path)
     tokenizer_name, dtype = ckpt.get("tokenizer"), DTYPES[dtype_name]
     if "hf" in formats:  # resolve the tokenizer before writing anything
         if not tokenizer_name:

@@ -352,12 +352,17 @@ def load_checkpoint(path, device="cpu"):
         raise CheckpointError(f"cannot read {path} as a checkpoint ({type(e).__name__}): truncated or not a torch file")
     if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
         raise CheckpointError(f"{path} is not a nanoforge checkpoint (it has no model / model_args)")
+    return model_from(ckpt["model_args"], ckpt["model"], path).to(device).eval(), ckpt
+
+
+def model_from(model_args, state_dict, path):
+    """A Forge built from a file's model_args and weights; a mismatch is a one-line CheckpointError."""
     try:
-        model = Forge(ModelConfig(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
+        model = Forge(ModelConfig(**model_args))
+        model.load_state_dict(state_dict)
     except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: its weights do not fit its model_args ({str(e).splitlines()[0]})")
-    return model.to(device).eval(), ckpt
+    return model
 
 
 def find_checkpoint(out_dir):

@@ -51,7 +51,7 @@ def _gpt2_ranks():
     path = os.environ.get(GPT2_RANKS_ENV)
     try:
         if path:
-            ranks = _read_ranks(path)
+            ranks = read_ranks(path)
         else:
             import tiktoken_ext.openai_public
             ranks = tiktoken_ext.openai_public.gpt2()["mergeable_ranks"]
@@ -65,7 +65,7 @@ def _gpt2_ranks():
     return ranks
 
 
-def _read_ranks(path):
+def read_ranks(path):
     """A tiktoken ranks file (lines of `base64(token) rank`), read directly: tiktoken's own loader keeps a
     cached copy keyed by the path, so a file fixed in place would never be re-read."""
     with open(path, "rb") as f:
