@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from sample import (TextStream, add_model_args, add_sampling_args, checkpoint_path, die, load_model, make_generator,
                     robust_stdio, sampling_kwargs)
-from tokenizer import render_prompt, special_ids, split_thinking
+from tokenizer import all_special_ids, render_prompt, special_ids, split_thinking
 
 # The special tokens that may occur inside an assistant reply; any other one (<|/assistant|>, <|eos|>, or
 # the model starting a turn of its own such as <|user|>) ends the reply and is never shown.
@@ -28,7 +28,7 @@ REPLY_TOKENS = ("<|think|>", "<|/think|>", "<|no_think|>", "<|assistant|>")
 
 
 def reply_stop_ids(enc):
-    return {enc.encode_single_token(t) for t in enc.special_tokens_set if t not in REPLY_TOKENS}
+    return all_special_ids(enc) - {special_ids(enc)[t] for t in REPLY_TOKENS}
 
 
 @dataclass

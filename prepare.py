@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm import tqdm
 
-from tokenizer import TokenizerError, get_tokenizer, padded_vocab_size, render_conversation, special_ids
+from tokenizer import TOKENIZERS, TokenizerError, get_tokenizer, padded_vocab_size, render_conversation, special_ids
 
 
 class PrepareError(Exception):
@@ -449,7 +449,8 @@ def as_is(doc):  # the built-in dataset and .txt files yield documents already
 def encode_chunk(docs, enc, key):
     """Documents -> (ids uint16, mask uint8, goes to val?) or a ValueError for a malformed chat.
     Runs in worker threads: tiktoken releases the GIL while it encodes."""
-    bos, eos = special_ids(enc)["<|bos|>"], special_ids(enc)["<|eos|>"]
+    sp = special_ids(enc)
+    bos, eos = sp["<|bos|>"], sp["<|eos|>"]
     out = []
     for doc in docs:
         try:
@@ -594,7 +595,7 @@ def prepare(args):
                   for split in ("train", "val")}
         if not totals["train"]["documents"] or not totals["val"]["documents"]:
             n = totals["train"]["documents"] + totals["val"]["documents"]
-            raise PrepareError(f"no documents to write (all records were malformed or empty)" if n == 0 else
+            raise PrepareError("no documents to write (all records were malformed or empty)" if n == 0 else
                                f"only {n} documents: the {'val' if n == totals['train']['documents'] else 'train'} "
                                f"split is empty; use more data or another --val-fraction")
     except BaseException:
@@ -640,7 +641,7 @@ def parse_args(argv):
                    help=f"reasoning (default), {', '.join(RECIPES)}, local {'/'.join(LOCAL_FILES)} files, "
                         "or RECIPE=FILE (a recipe applied to that dataset's downloaded file)")
     p.add_argument("--max-samples", type=int, help="records per dataset (hub datasets are then streamed)")
-    p.add_argument("--tokenizer", choices=["gpt2", "byte"], help="default: byte for reasoning alone, else gpt2")
+    p.add_argument("--tokenizer", choices=TOKENIZERS, help="default: byte for reasoning alone, else gpt2")
     p.add_argument("--out", help="output folder (default: data/NAME)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for validation")
     p.add_argument("--num-proc", type=int, default=min(8, os.cpu_count() or 1), help="tokenizer threads")

@@ -21,7 +21,7 @@ import time
 import torch
 
 from model import CheckpointError, amp_dtype, find_checkpoint, load_checkpoint, resolve_device
-from tokenizer import TokenizerError, get_tokenizer
+from tokenizer import TokenizerError, all_special_ids, get_tokenizer
 
 # ----------------------------------------------------------------------------- shared with chat.py, eval.py
 
@@ -131,7 +131,7 @@ class TextStream:
 
     def __init__(self, enc, show_special=False):
         self.enc, self.show_special = enc, show_special
-        self.special = {enc.encode_single_token(t) for t in enc.special_tokens_set}
+        self.special = all_special_ids(enc)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def __call__(self, token_id):

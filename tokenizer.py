@@ -14,6 +14,7 @@ and the final <|eos|>. Text from users and datasets is always encoded with encod
 "<|think|>" typed by a user stays ordinary text and can never become a control token.
 """
 import base64
+import functools
 import os
 
 import tiktoken
@@ -77,9 +78,15 @@ def padded_vocab_size(enc):
     return (enc.n_vocab + 63) // 64 * 64
 
 
+@functools.cache  # called for every document prepared: compute once per encoding (do not mutate the result)
 def special_ids(enc):
     """{special token: id} for the chat tokens."""
     return {tok: enc.encode_single_token(tok) for tok in SPECIAL_TOKENS}
+
+
+def all_special_ids(enc):
+    """The ids of every special token: never text."""
+    return frozenset(special_ids(enc).values())
 
 
 # ---------------------------------------------------------------------------------------------- chat format
@@ -121,7 +128,7 @@ def _render_turns(messages, enc):
 def render_conversation(messages, enc):
     """A whole conversation as a training document: (ids, mask), mask 1 on the tokens to learn."""
     ids, mask = _render_turns(messages, enc)
-    return ids + [enc.encode_single_token("<|eos|>")], mask + [1]
+    return ids + [special_ids(enc)["<|eos|>"]], mask + [1]
 
 
 def render_prompt(messages, enc, reasoning="auto"):
@@ -133,7 +140,7 @@ def render_prompt(messages, enc, reasoning="auto"):
     if reasoning not in suffix:
         raise ValueError(f"reasoning must be one of {', '.join(suffix)}, got {reasoning!r}")
     ids, _ = _render_turns(messages, enc)
-    return ids + [enc.encode_single_token(t) for t in suffix[reasoning]]
+    return ids + [special_ids(enc)[t] for t in suffix[reasoning]]
 
 
 def split_thinking(ids, enc):
@@ -156,7 +163,7 @@ def split_thinking(ids, enc):
         thinking, answer = ids, []
     else:
         thinking, answer = [], ids
-    every_special = {enc.encode_single_token(t) for t in enc.special_tokens_set}
+    every_special = all_special_ids(enc)
 
     def text(part):
         # padding ids (n_vocab .. vocab_size) can be sampled by an undertrained model: they are not text
