@@ -25,7 +25,6 @@ alike) and the median is reported. Ratios are ours / peer: above 1 means nanofor
 import argparse
 import contextlib
 import io
-import json
 import os
 import platform
 import random
@@ -38,7 +37,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from model import Forge, ModelConfig, amp_dtype, autocast, resolve_device
+from model import Forge, ModelConfig, amp_dtype, autocast, resolve_device, save_json
 
 SECTIONS = ("peak", "train", "generate", "data", "memory")
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -504,9 +503,7 @@ def main(argv=None):
         env["load average after"] = round(os.getloadavg()[0], 2)
         print(f"\n{env['seconds']} s, load average {env['load average']} before, {env['load average after']} after")
         if args.json:
-            with open(args.json + ".tmp", "w") as f:
-                json.dump(results, f, indent=1)
-            os.replace(args.json + ".tmp", args.json)
+            save_json(results, args.json)
     except BenchError as e:
         sys.exit(f"bench.py: error: {e}")
 

@@ -12,12 +12,11 @@ oldest exchanges are left out (the system prompt stays). Type /help for the comm
 generate_reply() is the one place a reply is produced: eval.py scores the model through it too.
 """
 import argparse
-import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 
+from model import save_json
 from sample import (TextStream, add_model_args, add_sampling_args, checkpoint_path, die, load_model, make_generator,
                     robust_stdio, sampling_kwargs)
 from tokenizer import all_special_ids, render_prompt, special_ids, split_thinking
@@ -186,9 +185,7 @@ class Chat:
     def save(self, path):
         transcript = {**self.info, "reasoning": self.reasoning, "messages": self.messages()}
         try:
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(transcript, f, ensure_ascii=False, indent=1)
-            os.replace(path + ".tmp", path)
+            save_json(transcript, path)
         except OSError as e:
             self.note(f"cannot save to {path}: {e.strerror}")
             return

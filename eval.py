@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from chat import generate_reply
+from model import save_json
 from prepare import TASKS, Difficulty, check_answer, heldout_items
 from sample import (add_model_args, add_sampling_args, checkpoint_path, die, load_model, make_generator, robust_stdio,
                     sampling_kwargs)
@@ -226,9 +227,7 @@ def print_showcase(results):
 
 def write_json(report, path):
     try:
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, ensure_ascii=False)
-        os.replace(path + ".tmp", path)
+        save_json(report, path)
     except OSError as e:
         die(f"cannot write the report to {path}: {e.strerror}")
 

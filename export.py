@@ -27,7 +27,7 @@ from dataclasses import asdict
 
 import torch
 
-from model import CheckpointError, find_checkpoint, load_checkpoint, model_from, save_checkpoint
+from model import CheckpointError, find_checkpoint, load_checkpoint, model_from, save_checkpoint, save_json
 from tokenizer import SPECIAL_TOKENS, TokenizerError, get_tokenizer, read_ranks, special_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -225,7 +225,7 @@ def save_tiktoken(enc, folder):
     with open(os.path.join(folder, "tokenizer.tiktoken"), "wb") as f:
         for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda item: item[1]):
             f.write(base64.b64encode(token) + b" %d\n" % rank)
-    write_json({"name": enc.name, "pat_str": enc._pat_str, "special_tokens": enc._special_tokens},
+    save_json({"name": enc.name, "pat_str": enc._pat_str, "special_tokens": enc._special_tokens},
                os.path.join(folder, "tiktoken.json"))
 
 
@@ -237,12 +237,6 @@ def load_tiktoken(folder):
     ranks = read_ranks(os.path.join(folder, "tokenizer.tiktoken"))
     return tiktoken.Encoding(meta["name"], pat_str=meta["pat_str"], mergeable_ranks=ranks,
                              special_tokens=meta["special_tokens"])
-
-
-def write_json(obj, path):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
 
 
 # ----------------------------------------------------------------------------- hf: the folder
@@ -264,10 +258,10 @@ def export_hf(model, enc, folder, dtype=torch.float32):
     os.makedirs(tmp)
     try:
         save_file(hf_state_dict(model, dtype), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        write_json(hf_config(cfg, enc, dtype_name), os.path.join(tmp, "config.json"))
-        write_json(hf_generation_config(enc), os.path.join(tmp, "generation_config.json"))
-        write_json(hf_tokenizer_json(enc), os.path.join(tmp, "tokenizer.json"))
-        write_json(hf_tokenizer_config(enc, cfg.block_size), os.path.join(tmp, "tokenizer_config.json"))
+        save_json(hf_config(cfg, enc, dtype_name), os.path.join(tmp, "config.json"))
+        save_json(hf_generation_config(enc), os.path.join(tmp, "generation_config.json"))
+        save_json(hf_tokenizer_json(enc), os.path.join(tmp, "tokenizer.json"))
+        save_json(hf_tokenizer_config(enc, cfg.block_size), os.path.join(tmp, "tokenizer_config.json"))
         save_tiktoken(enc, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -8,6 +8,7 @@ Pre-norm blocks, no biases, input and output embeddings tied. The layout and the
 Hugging Face's LlamaForCausalLM, so export.py only has to rename tensors.
 """
 import contextlib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -340,6 +341,14 @@ def save_checkpoint(ckpt, path):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_json(obj, path):
+    """Readable JSON (reports, transcripts, configs), written like checkpoints: temporary name, then rename."""
+    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(f"{path}.tmp", path)
 
 
 def load_checkpoint(path, device="cpu"):
