@@ -1,46 +1,53 @@
 """
-Benchmarks: nanoforge's speed against a peer, measured side by side in one process.
+Benchmarks: nanoforge's speed against a peer, side by side in one process, and its scripts as a user runs them.
 
-    python bench.py                                  # every section at this machine's sizes (2-core CPU: ~5 min)
-    python bench.py --quick                          # small sizes, few repeats: under a minute on 2 cores
+    python bench.py                                  # every section at this machine's sizes
+    python bench.py --quick                          # small sizes, few repeats
     python bench.py --sections train,generate --device cuda --dtype bfloat16 --compile --json bench.json
 
 Sections:
   peak      the device's measured matmul rate per dtype: the ceiling that MFU is a fraction of
   train     a training step (forward + backward + AdamW) in tokens/s and MFU: model.py against
-            transformers' LlamaForCausalLM built with the identical config and the same weights (checked:
-            same logits), batch, dtype, SDPA attention, optimizer and compile setting
+            transformers' LlamaForCausalLM loaded from `export.py --format hf` of the same weights (checked:
+            same logits), with the same batch, dtype, SDPA attention, optimizer and compile setting
   generate  batch 1, greedy: prefill and decode tokens/s at prompt + output lengths of 256/512/1024:
             model.py with its KV cache, model.py recomputing the whole sequence every step (what nanoGPT's
             sample.py does), and LlamaForCausalLM.generate with its cache
-  data      train.py's get_batch from a memmap against the batches a training step consumes, and
-            prepare.py's tokenization of a generated text of 20 MB
-  memory    (CUDA) peak memory of one training step of each GPU preset in config/, against its target card
+  data      common.get_batch (train.py's batches) from a memmap against the batches a training step
+            consumes, and `python prepare.py FILE` on a generated text of 20 MB, at the rate it reports
+  memory    (CUDA) `python train.py config/PRESET.py` for two iterations at each micro-batch shape of each
+            GPU preset, on random tokens: the peak memory it logs, against the preset's target card
 
 Sizes: "tiny" is train.py's default CPU model (4 layers, d=256, byte vocabulary); "nano" is Forge-1 Nano
 (12 layers, d=768, GQA 12/4, GPT-2 vocabulary), at its full context on a GPU and a reduced one on a CPU.
 Timing: every contender is warmed up, then the contenders take turns (so background load hits them
 alike) and the median is reported. Ratios are ours / peer: above 1 means nanoforge is faster.
+bench.py imports no other script: it runs export.py, prepare.py and train.py in subprocesses.
 """
 import argparse
-import contextlib
-import io
+import json
 import os
 import platform
 import random
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
-from model import Forge, ModelConfig, amp_dtype, autocast, resolve_device, save_json
+from common import (DTYPES, UserError, amp_dtype, autocast, get_batch, random_starts, resolve_device, run_main,
+                    save_checkpoint, save_json)
+from model import Forge, ModelConfig
+from tokenizer import GPT2_RANKS_ENV
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
 SECTIONS = ("peak", "train", "generate", "data", "memory")
-DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TITLES = {"data": "data (prepare.py: the tokens/s it reports, interpreter start-up excluded)"}
 GPU_PRESETS = {"nano_3050ti": 4, "mini_t4": 15, "yxanul_4090": 24}  # config file -> its target card's GiB
 CUDA_CONTEXT_GIB = 0.5  # what the CUDA context and kernels take on a card besides the allocator's memory
 MODELS = {
@@ -48,10 +55,6 @@ MODELS = {
     "nano": ModelConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_kv_head=4, n_embd=768,
                         ffn_hidden=2048),
 }
-
-
-class BenchError(Exception):
-    """A bad flag or a missing dependency, explained in one line."""
 
 
 @dataclass
@@ -83,7 +86,7 @@ def make_plan(args):
             setattr(plan, flag, getattr(args, flag))
     plan.gen_reps = args.reps or plan.gen_reps
     if min(plan.lengths) <= plan.new_tokens:
-        raise BenchError(f"every generation length must exceed --new-tokens ({plan.new_tokens})")
+        raise UserError(f"every generation length must exceed --new_tokens ({plan.new_tokens})")
     return plan
 
 
@@ -115,10 +118,10 @@ _peaks = {}
 
 
 def measure_peak(device, dtype, quick):
-    """FLOP/s of an n x n matmul in dtype (None = fp32), median of several."""
+    """FLOP/s of an n x n matmul in dtype, median of several."""
     if (device, dtype) not in _peaks:
         n = 1024 if quick else 8192 if device == "cuda" else 2048
-        a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+        a = torch.randn(n, n, device=device, dtype=dtype)
         seconds = race({"mm": lambda: a @ a}, reps=5 if quick else 10, warmup=2, device=device)["mm"]
         _peaks[device, dtype] = 2 * n ** 3 / seconds
     return _peaks[device, dtype]
@@ -131,37 +134,51 @@ def fast_dtypes(device):
     return ["float32", "bfloat16"] if device == "cpu" and amp_dtype("cpu") == torch.bfloat16 else ["float32"]
 
 
+# ----------------------------------------------------------------------------- scripts, as a user runs them
+
+def run_script(script, *args):
+    """Run a script of this repo as a user does -> its stdout; a failure is a UserError with its last line."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip() or "no message").splitlines()[-1]
+        raise UserError(f"`python {script} {' '.join(map(str, args))}` failed: {last}")
+    return proc.stdout
+
+
 # ----------------------------------------------------------------------------- the peer
 
 def llama_peer(ours):
-    """transformers' LlamaForCausalLM with our config and weights (export.py's mapping), SDPA attention."""
+    """transformers' LlamaForCausalLM loaded from `export.py --format hf` of our weights, SDPA attention."""
     try:
         import transformers
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
     except ImportError:
-        raise BenchError("the peer needs transformers: pip install -r requirements-dev.txt") from None
-    from export import hf_config, hf_state_dict
-    from tokenizer import get_tokenizer
+        raise UserError("the peer needs transformers: pip install -r requirements-dev.txt") from None
     transformers.logging.set_verbosity_error()
-    config = LlamaConfig(**hf_config(ours.config, get_tokenizer("byte"), "float32"), attn_implementation="sdpa")
-    with torch.device(ours.tok_emb.weight.device):
-        peer = LlamaForCausalLM(config)
-    peer.load_state_dict(hf_state_dict(ours), strict=False)  # no lm_head.weight: it is tied to embed_tokens
+    transformers.logging.disable_progress_bar()  # its bar for loading weights
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = os.path.join(tmp, "ckpt.pt")
+        save_checkpoint({"model": ours.state_dict(), "model_args": asdict(ours.config), "tokenizer": "byte"}, ckpt)
+        run_script("export.py", "--format", "hf", "--ckpt", ckpt, "--out_dir", tmp)
+        peer = LlamaForCausalLM.from_pretrained(os.path.join(tmp, "hf"), attn_implementation="sdpa",
+                                                dtype=torch.float32)
     peer.generation_config.eos_token_id = None  # generate exactly max_new_tokens, as ours does
     peer.generation_config.pad_token_id = 0
-    return peer
+    return peer.train()  # in the mode of a fresh model, as ours is
 
 
 def build_pair(cfg, device):
     """(ours, peer) with identical weights, checked to compute the same logits."""
     torch.manual_seed(0)
-    ours = Forge(cfg).to(device)
-    peer = llama_peer(ours)
+    ours = Forge(cfg)
+    peer = llama_peer(ours).to(device)
+    ours.to(device)
     idx = torch.randint(0, cfg.vocab_size, (1, 16), device=device)
     with torch.no_grad():
         diff = (ours(idx, idx)[0] - peer(idx).logits).abs().max().item()
     if diff > 1e-3:
-        raise BenchError(f"the peer's logits differ from ours by {diff:.2g}: the two configs do not match")
+        raise UserError(f"the peer's logits differ from ours by {diff:.2g}: the two configs do not match")
     return ours, peer
 
 
@@ -182,7 +199,7 @@ def train_step(model, optimizer, x, y, ctx, peer):
 
 def bench_train(args, plan):
     rows = []
-    peak = measure_peak(args.device, args.amp, args.quick)
+    peak = measure_peak(args.device, args.amp or torch.float32, args.quick)
     for size, batch_size, context in plan.train:
         cfg = replace(MODELS[size], block_size=context)
         ours, peer = build_pair(cfg, args.device)
@@ -324,17 +341,18 @@ def write_text(path, megabytes, seed=0):
     return os.path.getsize(path)
 
 
-def tokenize_with_prepare(path, tokenizer, out):
-    """prepare.py's whole path (read, encode in threads, split, write .bin) on a .txt file -> tokens."""
-    import prepare
-    with contextlib.redirect_stdout(io.StringIO()):  # its summary line
-        meta = prepare.prepare(prepare.parse_args([path, "--tokenizer", tokenizer, "--out", out]))
-    return meta["train"]["tokens"] + meta["val"]["tokens"]
+def tokenize_with_prepare(path, tokenizer, out_dir):
+    """`python prepare.py PATH` (read, encode in threads, split, write .bin) -> the tokens/s it reports, which
+    leave out the interpreter's start-up and imports."""
+    stdout = run_script("prepare.py", path, "--tokenizer", tokenizer, "--out_dir", out_dir)
+    rates = re.findall(r"([\d,]+) tokens/s", stdout)
+    if not rates:
+        raise UserError(f"prepare.py reported no tokens/s: {stdout.strip()[-200:]!r}")
+    return float(rates[-1].replace(",", ""))
 
 
 def bench_data(args, plan, train_rows):
     rows = []
-    from train import get_batch
     steps_per_s = {r["size"]: 1e3 / r["ms/step"] for r in train_rows if r["model"] == "ours"}
     with tempfile.TemporaryDirectory() as tmp:
         tokens, mask = write_memmap(tmp, plan.memmap_tokens, 50304)
@@ -343,70 +361,81 @@ def bench_data(args, plan, train_rows):
 
             def batches():
                 for _ in range(calls):
-                    get_batch(tokens, mask, batch_size, context, gen)
+                    get_batch(tokens, mask, random_starts(tokens, batch_size, context, gen), context)
             rate = calls / race({"get_batch": batches}, plan.reps, 1, "cpu")["get_batch"]
-            rows.append({"what": f"train.get_batch, batch {batch_size}x{context}", "per second": rate, "unit": "batches",
+            rows.append({"what": f"common.get_batch, batch {batch_size}x{context}", "per second": rate,
+                         "unit": "batches",
                          "vs training step": rate / steps_per_s[size] if size in steps_per_s else None})
         text = os.path.join(tmp, "text.txt")
         nbytes = write_text(text, plan.data_mb)
         # gpt2 only with local ranks: tiktoken's download would fail offline
-        for name in ["byte"] + (["gpt2"] if os.environ.get("NANOFORGE_GPT2_RANKS") else []):
-            t0 = time.perf_counter()
-            n = tokenize_with_prepare(text, name, os.path.join(tmp, name))
+        for name in ["byte"] + (["gpt2"] if os.environ.get(GPT2_RANKS_ENV) else []):
             rows.append({"what": f"prepare.py, {name} tokenizer, {nbytes / 1e6:.0f} MB of text",
-                         "per second": n / (time.perf_counter() - t0), "unit": "tokens", "vs training step": None})
+                         "per second": tokenize_with_prepare(text, name, os.path.join(tmp, name)), "unit": "tokens",
+                         "vs training step": None})
     return rows
 
 
 # ----------------------------------------------------------------------------- memory
 
+def write_random_data(folder, n_tokens=1_000_000):
+    """A data folder train.py can train on: random GPT-2 tokens in prepare.py's files, no loss mask."""
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        rng.integers(0, 50257, n_tokens, dtype=np.uint16).tofile(os.path.join(folder, f"{split}.bin"))
+    save_json({"tokenizer": "gpt2", "vocab_size": 50304, "n_vocab": 50257, "dtype": "uint16", "mask": False,
+               "train": {"tokens": n_tokens}, "val": {"tokens": n_tokens}, "sources": {"bench.py": "random tokens"}},
+              os.path.join(folder, "meta.json"))
+
+
+def stage_at(config, it):
+    """(context, batch size) at iteration it, train.py's rule: the last curriculum stage started, else the
+    settings' own."""
+    started = [(t, b) for start, t, b in config["seq_curriculum"] if it >= start]
+    return started[-1] if started else (config["block_size"], config["batch_size"])
+
+
 def preset_memory(path, device):
-    """Training steps of a train.py config file at each of its micro-batch shapes (its curriculum stages
-    too), run as train.py runs them: its dtype, activation checkpointing and compile setting, GPT-2's
-    padded vocabulary. Two steps a shape: the second has AdamW's moments alive during forward and
-    backward, the steady state. -> ([(batch size, context, peak allocated and reserved bytes or None off
-    CUDA)], settings, autocast dtype)"""
-    import train
-    cfg = argparse.Namespace(**(train.DEFAULTS | train.read_config_file(path)))
-    ptdtype = train.choose_dtype(cfg, device)
-    _, model = train.build_model(cfg, {"vocab_size": 50304, "tokenizer": "gpt2"}, None, device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device)
-    scaler = torch.amp.GradScaler(device, enabled=ptdtype == torch.float16)
-    step_model = torch.compile(model) if train.choose_compile(cfg, device, ptdtype) else model
-    results = []
-    for context, batch_size in sorted({train.stage_at(cfg, it) for it in [0] + [s[0] for s in cfg.seq_curriculum]}):
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        for _ in range(2):
-            batch = torch.randint(0, 50304, (batch_size, context + 1), device=device)
-            with autocast(device, ptdtype):
-                loss = step_model(batch[:, :-1], batch[:, 1:])[1]
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-        cuda = device == "cuda"
-        results.append((batch_size, context, torch.cuda.max_memory_allocated() if cuda else None,
-                        torch.cuda.max_memory_reserved() if cuda else None))
-    return results, cfg, ptdtype
+    """`python train.py PATH` as a user runs it (its dtype, activation checkpointing and compile setting)
+    on random GPT-2 tokens, two iterations at each micro-batch shape it trains at (its curriculum stages
+    too, one run each): the second iteration has AdamW's moments alive during forward and backward, the
+    steady state. One micro-batch per step (grad_accum=1): accumulation adds no memory. -> ([(batch size,
+    context, the peak allocated GiB train.py logs, None off CUDA)], the run's settings, autocast dtype)"""
+    with tempfile.TemporaryDirectory() as tmp:
+        data, out = os.path.join(tmp, "data"), os.path.join(tmp, "out")
+        write_random_data(data)
+
+        def run(*overrides):  # -> (peak GiB or None, the settings train.py stored in its checkpoint)
+            run_script("train.py", path, f"--data_dir={data}", f"--out_dir={out}", f"--device={device}",
+                       "--max_iters=2", "--eval_iters=1", "--log_interval=1", "--grad_accum=1", *overrides)
+            with open(os.path.join(out, "metrics.jsonl")) as f:
+                peaks = [r["peak_mem_gib"] for r in map(json.loads, f) if r.get("peak_mem_gib") is not None]
+            ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", mmap=True, weights_only=True)
+            return max(peaks, default=None), ckpt["config"]
+
+        peak, config = run()  # the settings tell the other shapes: each runs as a one-stage curriculum
+        peaks = {stage_at(config, 0): peak}
+        for context, batch_size in {stage_at(config, stage[0]) for stage in config["seq_curriculum"]} - peaks.keys():
+            peaks[context, batch_size] = run(f"--seq_curriculum=[(0, {context}, {batch_size})]")[0]
+    return [(b, t, peaks[t, b]) for t, b in sorted(peaks)], config, amp_dtype(device, config["dtype"])
 
 
 def bench_memory(args, plan):
     if args.device != "cuda":
         return {"skipped": f"CUDA only (device is {args.device})"}
     rows = []
+    torch.cuda.empty_cache()  # give the runs back what the other sections left in this process's cache
     for preset, card_gib in GPU_PRESETS.items():
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", f"{preset}.py")
+        path = os.path.join(ROOT, "config", f"{preset}.py")
         if not os.path.isfile(path):
-            raise BenchError(f"{path} is missing: the memory section measures the GPU presets in config/")
-        torch.cuda.empty_cache()
-        shapes, cfg, ptdtype = preset_memory(path, "cuda")
-        for batch_size, context, allocated, reserved in shapes:
+            raise UserError(f"{path} is missing: the memory section measures the GPU presets in config/")
+        shapes, config, ptdtype = preset_memory(path, "cuda")
+        for batch_size, context, allocated in shapes:
             rows.append({"preset": preset, "batch x context": f"{batch_size}x{context}",
                          "dtype": str(ptdtype or torch.float32).removeprefix("torch."),
-                         "grad_checkpoint": cfg.grad_checkpoint, "peak allocated GiB": allocated / 2 ** 30,
-                         "peak reserved GiB": reserved / 2 ** 30, "card GiB": card_gib,
-                         "fits": reserved / 2 ** 30 + CUDA_CONTEXT_GIB < card_gib})
+                         "grad_checkpoint": config["grad_checkpoint"], "peak allocated GiB": allocated,
+                         "card GiB": card_gib, "fits": allocated + CUDA_CONTEXT_GIB < card_gib})
     return rows
 
 
@@ -441,72 +470,67 @@ def parse_args(argv):
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto: float32 on CPU and MPS (the targets' setting), the AMP dtype on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile ours and the peer alike (training)")
-    p.add_argument("--quick", action="store_true", help="small sizes and few repeats: under a minute on 2 cores")
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats")
     p.add_argument("--sizes", default="tiny,nano", help="models for train and generate: tiny, nano")
-    p.add_argument("--batch-size", type=int, help="training micro-batch for every size")
-    p.add_argument("--block-size", type=int, help="training context for every size")
+    p.add_argument("--batch_size", type=int, help="training micro-batch for every size")
+    p.add_argument("--block_size", type=int, help="training context for every size")
     p.add_argument("--lengths", help="generation prompt+output lengths, e.g. 256,512,1024")
-    p.add_argument("--new-tokens", type=int, help="tokens generated per generation run")
+    p.add_argument("--new_tokens", type=int, help="tokens generated per generation run")
     p.add_argument("--reps", type=int, help="timed repeats per contender (the median is reported)")
-    p.add_argument("--data-mb", type=int, help="megabytes of text for the tokenization benchmark")
+    p.add_argument("--data_mb", type=int, help="megabytes of text for the tokenization benchmark")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     if unknown := set(args.sections) - set(SECTIONS):
-        raise BenchError(f"unknown section(s) {', '.join(sorted(unknown))}: choose from {', '.join(SECTIONS)}")
+        raise UserError(f"unknown section(s) {', '.join(sorted(unknown))}: choose from {', '.join(SECTIONS)}")
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     if unknown := set(args.sizes) - set(MODELS):
-        raise BenchError(f"unknown size(s) {', '.join(sorted(unknown))}: choose from {', '.join(MODELS)}")
+        raise UserError(f"unknown size(s) {', '.join(sorted(unknown))}: choose from {', '.join(MODELS)}")
     try:
         args.lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
     except ValueError:
-        raise BenchError(f"--lengths takes comma-separated integers such as 256,512,1024, not {args.lengths!r}") from None
+        raise UserError(f"--lengths takes comma-separated integers such as 256,512,1024, "
+                        f"not {args.lengths!r}") from None
     for flag in ("batch_size", "block_size", "new_tokens", "reps", "data_mb", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise BenchError(f"--{flag.replace('_', '-')} must be at least 1")
+            raise UserError(f"--{flag} must be at least 1")
     if args.device not in ("auto", "cpu", "cuda", "mps"):  # the sections tell devices apart by these names
-        raise BenchError(f"unknown device {args.device!r}: choose auto, cpu, cuda or mps")
-    try:
-        args.device = resolve_device(args.device)
-    except ValueError as e:
-        raise BenchError(str(e)) from None
+        raise UserError(f"unknown device {args.device!r}: choose auto, cpu, cuda or mps")
+    args.device = resolve_device(args.device)
     if args.dtype == "auto":
         args.dtype = "float32" if args.device != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if args.dtype not in fast_dtypes(args.device):
-        raise BenchError(f"{args.dtype} is not native on this {args.device} (it would be emulated): use --dtype float32")
-    args.amp = DTYPES[args.dtype]
+        raise UserError(f"{args.dtype} is not native on this {args.device} (it would be emulated): use --dtype float32")
+    args.amp = None if args.dtype == "float32" else DTYPES[args.dtype]  # the autocast dtype, None for plain fp32
     return args
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = parse_args(argv)
-        plan = make_plan(args)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        env = {"command": " ".join(["python", "bench.py", *argv]), "device": args.device,
-               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "load average": round(os.getloadavg()[0], 2), "torch": torch.__version__, "dtype": args.dtype,
-               "compile": args.compile}
-        print(", ".join(f"{k}: {v}" for k, v in env.items() if v is not None))
-        results, t0 = {"env": env}, time.perf_counter()
-        runners = {"peak": bench_peak, "train": bench_train, "generate": bench_generate, "memory": bench_memory,
-                   "data": lambda a, p: bench_data(a, p, results.get("train", []))}
-        for section in SECTIONS:  # in this order: data compares with train's results
-            if section in args.sections:
-                results[section] = runners[section](args, plan)
-                print_table(section, results[section])
-        env["seconds"] = round(time.perf_counter() - t0, 1)
-        env["load average after"] = round(os.getloadavg()[0], 2)
-        print(f"\n{env['seconds']} s, load average {env['load average']} before, {env['load average after']} after")
-        if args.json:
-            save_json(results, args.json)
-    except BenchError as e:
-        sys.exit(f"bench.py: error: {e}")
+    args = parse_args(argv)
+    plan = make_plan(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = {"command": " ".join(["python", "bench.py", *argv]), "device": args.device,
+           "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+           "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           "load average": round(os.getloadavg()[0], 2), "torch": torch.__version__, "dtype": args.dtype,
+           "compile": args.compile}
+    print(", ".join(f"{k}: {v}" for k, v in env.items() if v is not None))
+    results, t0 = {"env": env}, time.perf_counter()
+    runners = {"peak": bench_peak, "train": bench_train, "generate": bench_generate, "memory": bench_memory,
+               "data": lambda a, p: bench_data(a, p, results.get("train", []))}
+    for section in SECTIONS:  # in this order: data compares with train's results
+        if section in args.sections:
+            results[section] = runners[section](args, plan)
+            print_table(TITLES.get(section, section), results[section])
+    env["seconds"] = round(time.perf_counter() - t0, 1)
+    env["load average after"] = round(os.getloadavg()[0], 2)
+    print(f"\n{env['seconds']} s, load average {env['load average']} before, {env['load average after']} after")
+    if args.json:
+        save_json(results, args.json)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

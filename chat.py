@@ -2,108 +2,22 @@
 Chat with a trained model in the terminal.
 
     python chat.py                          # out/best.pt, else out/ckpt.pt
-    python chat.py --ckpt out/best.pt --show-thinking --system "You are Forge."
+    python chat.py --ckpt out/best.pt --show_thinking --system "You are Forge."
     printf 'What is 12+30?\\n/save t.json\\n/quit\\n' | python chat.py     # scripted: no prompt decoration
 
 Every turn the whole conversation is rendered again in the chat format (tokenizer.py) and the reply
 streams out of model.generate's KV cache. When the conversation outgrows the context window the
-oldest exchanges are left out (the system prompt stays). Type /help for the commands.
+oldest exchanges are left out (the system prompt stays, tokenizer.fit_to_window). Type /help for the commands.
 
-generate_reply() is the one place a reply is produced: eval.py scores the model through it too.
+Replies come from common.generate_reply, the same code eval.py scores the model with.
 """
 import argparse
 import sys
 import time
-from dataclasses import dataclass, field
 
-from model import save_json
-from sample import (TextStream, add_model_args, add_sampling_args, checkpoint_path, die, load_model, make_generator,
-                    robust_stdio, sampling_kwargs)
-from tokenizer import all_special_ids, render_prompt, special_ids, split_thinking
-
-# The special tokens that may occur inside an assistant reply; any other one (<|/assistant|>, <|eos|>, or
-# the model starting a turn of its own such as <|user|>) ends the reply and is never shown.
-REPLY_TOKENS = ("<|think|>", "<|/think|>", "<|no_think|>", "<|assistant|>")
-
-
-def reply_stop_ids(enc):
-    return all_special_ids(enc) - {special_ids(enc)[t] for t in REPLY_TOKENS}
-
-
-@dataclass
-class Reply:
-    part: str = "answer"        # where the newest text belongs: "thinking" or "answer"
-    ids: list = field(default_factory=list)  # generated token ids, the stop token included
-    thinking_tokens: int = 0    # ordinary tokens inside the think block
-    seconds: float = 0.0
-    finish: str = "length"      # "stop" (end of turn), "length" (max_new_tokens or full context), "interrupted"
-    thinking: "str | None" = None  # the think block's text, None when the model answered without one
-    answer: str = ""
-
-
-def generate_reply(model, enc, prompt, sampling, generator=None, on_text=None, interruptible=False):
-    """Generate the assistant's turn for prompt (from render_prompt). on_text(reply, text) is called as
-    printable text arrives, with reply.part telling whether it is thinking or answer. With interruptible,
-    Ctrl-C ends the reply early (finish="interrupted") instead of propagating."""
-    sp = special_ids(enc)
-    stop_ids = reply_stop_ids(enc)
-    # What the prompt already says about the reply: <|think|> (reasoning on), <|no_think|><|assistant|> (off)
-    # or nothing (the model chooses). It is part of the reply for split_thinking.
-    user_end = len(prompt) - 1 - prompt[::-1].index(sp["<|/user|>"])
-    forced = list(prompt[user_end + 1:])
-    reply = Reply(part="thinking" if forced[-1:] == [sp["<|think|>"]] else "answer")
-    stream = TextStream(enc)
-    t0 = time.perf_counter()
-    try:
-        for token_id in model.generate(prompt, **sampling, stop_ids=stop_ids, generator=generator):
-            reply.ids.append(token_id)
-            if token_id in stop_ids:
-                reply.finish = "stop"
-                break
-            text = stream(token_id)  # a special token flushes a half-decoded character of its part
-            if token_id == sp["<|think|>"]:
-                reply.part = "thinking"
-            elif token_id == sp["<|/think|>"]:
-                reply.part = "answer"
-            elif reply.part == "thinking" and token_id not in stream.special:
-                reply.thinking_tokens += 1
-            if text and on_text:
-                on_text(reply, text)
-    except KeyboardInterrupt:
-        if not interruptible:
-            raise
-        reply.finish = "interrupted"
-    if (text := stream.flush()) and on_text:  # the reply ended inside a character
-        on_text(reply, text)
-    reply.seconds = time.perf_counter() - t0
-    ids = forced + (reply.ids[:-1] if reply.finish == "stop" else reply.ids)  # the stop token may be a <|/user|>
-    thinking, reply.answer = split_thinking(ids, enc)
-    reply.thinking = thinking if sp["<|think|>"] in ids else None
-    return reply
-
-
-def fit_to_window(messages, enc, reasoning, max_tokens):
-    """What the model gets to see of the conversation: the system prompt, then the newest turns whose
-    rendered prompt is at most max_tokens long. Whole exchanges are dropped oldest first; a last message
-    too long on its own keeps only its end (where the question usually is).
-    Returns (messages, dropped_turns, cut_message)."""
-    system = [m for m in messages[:1] if m["role"] == "system"]
-    turns = list(messages[len(system):])
-    dropped = cut = False
-    while len(render_prompt(system + turns, enc, reasoning)) > max_tokens and len(turns) > 1:
-        turns = turns[1:]
-        while turns[0]["role"] != "user":  # an exchange starts with the user
-            turns = turns[1:]
-        dropped = True
-    while (excess := len(render_prompt(system + turns, enc, reasoning)) - max_tokens) > 0:
-        ids = enc.encode_ordinary(turns[-1]["content"])
-        text = enc.decode_bytes(ids[excess:]).decode("utf-8", errors="ignore")  # drop a half-cut character
-        turns[-1] = {"role": "user", "content": text}
-        cut = True
-    return system + turns, dropped, cut
-
-
-# ----------------------------------------------------------------------------- the terminal chat
+from common import (UserError, add_model_args, add_sampling_args, checkpoint_path, generate_reply, load_model,
+                    make_generator, robust_stdio, run_main, sampling_kwargs, save_json)
+from tokenizer import fit_to_window, render_prompt
 
 CONTROL_CHARS = {c: None for c in [*range(32), 127] if chr(c) not in "\n\t"}
 HELP = """commands:
@@ -130,8 +44,8 @@ class Chat:
         self.max_prompt_tokens = block_size - min(sampling["max_new_tokens"], block_size // 2)
         shortest = render_prompt(self.messages()[:1] + [{"role": "user", "content": ""}], enc, "on")
         if system and len(shortest) > self.max_prompt_tokens:
-            die(f"the system prompt takes {len(shortest)} tokens; the model's context holds {block_size} "
-                "and a reply needs room: shorten --system")
+            raise UserError(f"the system prompt takes {len(shortest)} tokens; the model's context holds "
+                            f"{block_size} and a reply needs room: shorten --system")
 
     def messages(self):
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -261,7 +175,7 @@ def main():
     add_model_args(parser)
     add_sampling_args(parser, max_new_tokens=512, temperature=0.6)
     parser.add_argument("--system", help="a system prompt, kept at the start of every conversation")
-    parser.add_argument("--show-thinking", "--show_thinking", action="store_true", help="print the thinking (dimmed)")
+    parser.add_argument("--show_thinking", action="store_true", help="print the thinking (dimmed)")
     parser.add_argument("--reason", choices=["auto", "on", "off"], default="auto",
                         help="on: always think first, off: answer directly, auto: the model chooses")
     args = parser.parse_args()
@@ -299,4 +213,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -6,7 +6,7 @@ Evaluate a checkpoint: what it has learned, and what thinking buys.
     python eval.py --gsm8k gsm8k_test.jsonl --items 0   # only GSM8K (jsonl of {question, answer})
 
 1. Validation loss and perplexity on DATA/val.bin, counting only the tokens train.py learns (val_mask.bin).
-2. The reasoning score: exact-match accuracy on held-out problems of prepare.py's built-in tasks, with
+2. The reasoning score: exact-match accuracy on held-out problems of the built-in tasks (tasks.py), with
    thinking forced on (<|think|>) and forced off (<|no_think|>), the mean thinking length and tokens/s.
    With --gsm8k, the same for a GSM8K-style file, scored on the final number.
 3. The showcase prompts, each shown with whether the model thought, its thinking, answer, tokens and time.
@@ -14,22 +14,18 @@ Everything goes into one JSON report (--json) for tracking runs, and a readable 
 Decoding is greedy by default, so a report is reproducible.
 """
 import argparse
-import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import asdict
 
-import numpy as np
 import torch
 
-from chat import generate_reply
-from model import save_json
-from prepare import TASKS, Difficulty, check_answer, heldout_items
-from sample import (add_model_args, add_sampling_args, checkpoint_path, die, load_model, make_generator, robust_stdio,
-                    sampling_kwargs)
+from common import (UserError, add_model_args, add_sampling_args, checkpoint_path, generate_reply, get_batch,
+                    load_data, load_model, make_generator, read_gsm8k, robust_stdio, run_main, sampling_kwargs,
+                    save_json)
+from tasks import TASKS, Difficulty, check_answer, heldout_items
 from tokenizer import render_prompt
 
 SHOWCASE = [  # the design documents' five, then three that probe the built-in tasks and the model's identity
@@ -46,91 +42,40 @@ SHOWCASE = [  # the design documents' five, then three that probe the built-in t
 # ----------------------------------------------------------------------------- validation loss
 
 
-def read_meta(data_dir):
-    path = os.path.join(data_dir, "meta.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        die(f"{path} is missing or unreadable: the folder is not a finished prepare.py output; run python prepare.py")
+def read_val(data_dir, model, enc):
+    """meta.json and the val split (tokens, mask or None) of a prepare.py folder, checked against the model."""
+    meta, bins = load_data(data_dir, splits=("val",))
+    if meta["tokenizer"] != enc.name:
+        raise UserError(f"{data_dir} was prepared with the {meta['tokenizer']} tokenizer, the checkpoint uses "
+                        f"{enc.name}")
+    tokens, mask = bins["val"]
+    if int(tokens.max(initial=0)) >= model.config.vocab_size:
+        raise UserError(f"{data_dir}/val.bin holds token ids beyond the model's vocabulary: it was prepared for "
+                        "another model")
+    return meta, tokens, mask
 
 
 @torch.no_grad()
-def val_loss(model, data_dir, batch_size, max_tokens):
-    """Mean cross-entropy per predicted token over val.bin, read as consecutive windows of the model's
-    context (every token once, so the number is the same every run). Where val_mask.bin exists only the
-    targets train.py learns count, as in training. Returns (loss, number of tokens scored)."""
-    data = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
-    mask_path = os.path.join(data_dir, "val_mask.bin")
-    mask = np.memmap(mask_path, dtype=np.uint8, mode="r") if os.path.exists(mask_path) else None
-    if int(data.max(initial=0)) >= model.config.vocab_size:
-        die(f"{data_dir}/val.bin holds token ids beyond the model's vocabulary: it was prepared for another model")
-    n = min(len(data) - 1, max_tokens)
+def val_loss(model, tokens, mask, batch_size, max_tokens):
+    """Mean cross-entropy per predicted token over the val tokens, read as consecutive windows of the model's
+    context (every token once, so the number is the same every run). With a mask only the targets train.py
+    learns count, as in training (get_batch). Returns (loss, number of tokens scored); no tokens: (nan, 0)."""
+    n = min(len(tokens) - 1, max_tokens)
     T = min(model.config.block_size, n)
     starts = list(range(0, n - T + 1, T)) if T > 0 else []
     device = model.rope_cos.device
     total, count = 0.0, 0
     for i in range(0, len(starts), batch_size):
-        batch = starts[i:i + batch_size]
-        x = torch.from_numpy(np.stack([data[s:s + T] for s in batch]).astype(np.int64))
-        y = torch.from_numpy(np.stack([data[s + 1:s + 1 + T] for s in batch]).astype(np.int64))
-        if mask is not None:
-            y[torch.from_numpy(np.stack([mask[s + 1:s + 1 + T] for s in batch])) == 0] = -1
+        x, y = get_batch(tokens, mask, starts[i:i + batch_size], T)
         scored = int((y != -1).sum())
         if scored == 0:
             continue  # a window of prompt tokens only: nothing to learn there, and its mean loss is nan
         _, loss = model(x.to(device), y.to(device))
         total, count = total + loss.item() * scored, count + scored
-    if count == 0:
-        die(f"{data_dir}/val.bin has no tokens to score")
-    return total / count, count
+    return (total / count if count else math.nan), count
 
 
 # ----------------------------------------------------------------------------- reasoning score
-
-
-def final_number(text):
-    """The last number in text, without thousands separators or trailing zeros ("1,250.50" -> "1250.5")."""
-    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
-    if not numbers:
-        return None
-    number = numbers[-1].replace(",", "")
-    return number.rstrip("0").rstrip(".") if "." in number else number
-
-
-def is_correct(task, text, answer):
-    """The checker: GSM8K compares final numbers, the built-in tasks prepare.py's exact match."""
-    if task == "gsm8k":
-        return final_number(text) is not None and final_number(text) == final_number(answer)
-    return check_answer(task, text, answer)
-
-
-def gsm8k_items(path, limit=None):
-    """(task, messages, answer) from a GSM8K-style jsonl: {"question", "answer"}, the answer ending in
-    "#### N" (openai/gsm8k) or just holding the number."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except (OSError, UnicodeDecodeError) as e:
-        die(f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
-    items = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            question, answer = rec["question"], rec["answer"].split("####")[-1]
-            if not isinstance(question, str) or final_number(answer) is None:
-                raise ValueError
-        except (ValueError, KeyError, TypeError, AttributeError):
-            die(f"{path}:{lineno} is not a GSM8K record: expected JSON with a question and an answer "
-                "ending in '#### N'")
-        items.append(("gsm8k", [{"role": "user", "content": question}], answer.strip()))
-        if limit and len(items) == limit:
-            break
-    if not items:
-        die(f"{path} holds no GSM8K records")
-    return items
 
 
 def reasoning_score(model, enc, items, sampling, generator, progress=None):
@@ -142,7 +87,7 @@ def reasoning_score(model, enc, items, sampling, generator, progress=None):
             reply = generate_reply(model, enc, render_prompt(messages, enc, mode), sampling, generator)
             t = tally.setdefault(task, {}).setdefault(mode, dict.fromkeys(TALLY, 0))
             t["n"] += 1
-            t["correct"] += is_correct(task, reply.answer, answer)
+            t["correct"] += check_answer(task, reply.answer, answer)
             t["thinking_tokens"] += reply.thinking_tokens
             t["tokens"] += len(reply.ids)
             t["seconds"] += reply.seconds
@@ -229,7 +174,7 @@ def write_json(report, path):
     try:
         save_json(report, path)
     except OSError as e:
-        die(f"cannot write the report to {path}: {e.strerror}")
+        raise UserError(f"cannot write the report to {path}: {e.strerror}") from None
 
 
 def main():
@@ -246,10 +191,10 @@ def main():
     parser.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     args = parser.parse_args()
     if args.items < 0 or args.val_tokens < 1 or args.batch_size < 1:
-        die("--items must be >= 0, --val_tokens and --batch_size >= 1")
+        raise UserError("--items must be >= 0, --val_tokens and --batch_size >= 1")
     robust_stdio()
     sampling = sampling_kwargs(args)
-    gsm8k = gsm8k_items(args.gsm8k, args.gsm8k_items) if args.gsm8k else None  # a bad file fails before any work
+    gsm8k = read_gsm8k(args.gsm8k, args.gsm8k_items) if args.gsm8k else None  # a bad file fails before any work
     model, enc, ckpt = load_model(args)
     generator = make_generator(model, args.seed)
     data_dir = args.data or (ckpt.get("config") or {}).get("data_dir") or os.path.join("data", "reasoning")
@@ -261,16 +206,16 @@ def main():
     # 1. validation loss
     meta = {}
     if os.path.exists(os.path.join(data_dir, "val.bin")):
-        meta = read_meta(data_dir)
-        if meta.get("tokenizer") != enc.name:
-            die(f"{data_dir} was prepared with the {meta.get('tokenizer')} tokenizer, the checkpoint uses {enc.name}")
+        meta, tokens, mask = read_val(data_dir, model, enc)
         t0 = time.perf_counter()
-        loss, n = val_loss(model, data_dir, args.batch_size, args.val_tokens)
+        loss, n = val_loss(model, tokens, mask, args.batch_size, args.val_tokens)
+        if n == 0:
+            raise UserError(f"{data_dir}/val.bin has no tokens to score")
         report["val"] = dict(data=data_dir, loss=loss, perplexity=math.exp(loss), tokens=n)
         print(f"\nval loss {loss:.4f}, perplexity {math.exp(loss):.2f} ({n:,} tokens of {data_dir}/val.bin, "
               f"{time.perf_counter() - t0:.1f}s)")
     elif args.data:
-        die(f"no val.bin in {data_dir}: run python prepare.py (or pass another --data)")
+        raise UserError(f"no val.bin in {data_dir}: run python prepare.py (or pass another --data)")
     else:
         print(f"\nno {data_dir}/val.bin: skipping the val loss (run python prepare.py, or pass --data)")
 
@@ -299,4 +244,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

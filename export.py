@@ -1,10 +1,10 @@
 """
 Export a checkpoint for use outside this repo.
 
-    python export.py [--ckpt out/best.pt] [--out DIR] [--format pt|safetensors|hf|all] [--dtype float32|bfloat16]
+    python export.py [--ckpt out/best.pt] [--out_dir DIR] [--format pt|safetensors|hf|all] [--dtype float32|bfloat16]
 
   pt           DIR/model.pt           our state dict + model_args + tokenizer name, no optimizer state
-                                      (model.load_checkpoint reads it, with weights_only=True)
+                                      (common.load_checkpoint reads it, with weights_only=True)
   safetensors  DIR/model.safetensors  our tensor names; model_args and the tokenizer name in the metadata
   hf           DIR/hf/                a Hugging Face LlamaForCausalLM folder: config.json,
                                       generation_config.json, model.safetensors, tokenizer.json and
@@ -22,19 +22,13 @@ import json
 import os
 import re
 import shutil
-import sys
 from dataclasses import asdict
 
 import torch
 
-from model import CheckpointError, find_checkpoint, load_checkpoint, model_from, save_checkpoint, save_json
-from tokenizer import SPECIAL_TOKENS, TokenizerError, get_tokenizer, read_ranks, special_ids
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ExportError(Exception):
-    """A user-facing problem with an export, explained in one line."""
+from common import (DTYPES, UserError, find_checkpoint, load_checkpoint, load_tokenizer, model_from, run_main,
+                    save_checkpoint, save_json)
+from tokenizer import SPECIAL_TOKENS, read_ranks, special_ids
 
 
 def cast(state_dict, dtype):
@@ -66,9 +60,9 @@ def load_safetensors(path, device="cpu"):
             metadata = f.metadata() or {}
         state_dict = load_file(path, device=device)
     except Exception as e:
-        raise CheckpointError(f"cannot read {path} as safetensors ({type(e).__name__}): truncated or another format")
+        raise UserError(f"cannot read {path} as safetensors ({type(e).__name__}): truncated or another format")
     if "model_args" not in metadata:
-        raise CheckpointError(f"{path} was not written by export.py (no model_args in its metadata)")
+        raise UserError(f"{path} was not written by export.py (no model_args in its metadata)")
     model = model_from(json.loads(metadata["model_args"]), state_dict, path)
     return model.to(device).eval(), metadata.get("tokenizer") or None
 
@@ -155,7 +149,7 @@ def hf_tokenizer_json(enc):
         if len(token) > 1:
             parts = bpe_split(ranks, token, rank)
             if len(parts) != 2:
-                raise ExportError(f"token {token!r} is not the merge of two tokens: tokenizer.json cannot express it")
+                raise UserError(f"token {token!r} is not the merge of two tokens: tokenizer.json cannot express it")
             merges.append(f"{as_text(parts[0])} {as_text(parts[1])}")  # GPT-2's alphabet has no space
     specials = sorted(enc._special_tokens.items(), key=lambda item: item[1])
     return {
@@ -246,8 +240,8 @@ def export_hf(model, enc, folder, dtype=torch.float32):
     from safetensors.torch import save_file
     cfg = model.config
     if enc.n_vocab > cfg.vocab_size:
-        raise ExportError(f"tokenizer {enc.name!r} has {enc.n_vocab} tokens but the model only {cfg.vocab_size}: "
-                          f"the checkpoint was trained with another tokenizer")
+        raise UserError(f"tokenizer {enc.name!r} has {enc.n_vocab} tokens but the model only {cfg.vocab_size}: "
+                        f"the checkpoint was trained with another tokenizer")
     if cfg.emb_rank:
         before, after = cfg.vocab_size * cfg.emb_rank + cfg.emb_rank * cfg.n_embd, cfg.vocab_size * cfg.n_embd
         print(f"note: the factorized embedding (emb_rank={cfg.emb_rank}) is multiplied out for Llama: "
@@ -279,8 +273,8 @@ def export(ckpt_path, out_dir, formats, dtype_name="float32"):
     tokenizer_name, dtype = ckpt.get("tokenizer"), DTYPES[dtype_name]
     if "hf" in formats:  # resolve the tokenizer before writing anything
         if not tokenizer_name:
-            raise ExportError(f"{ckpt_path} names no tokenizer: the hf export needs one to write tokenizer.json")
-        enc = get_tokenizer(tokenizer_name)
+            raise UserError(f"{ckpt_path} names no tokenizer: the hf export needs one to write tokenizer.json")
+        enc = load_tokenizer(tokenizer_name)
     os.makedirs(out_dir, exist_ok=True)
     written = []
     if "pt" in formats:
@@ -298,22 +292,20 @@ def export(ckpt_path, out_dir, formats, dtype_name="float32"):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Export a nanoforge checkpoint (see the top of export.py).")
     p.add_argument("--ckpt", help="checkpoint written by train.py (default: out/best.pt, else out/ckpt.pt)")
-    p.add_argument("--out", default=None, help="output folder (default: export/ next to the checkpoint)")
+    p.add_argument("--out_dir", default=None, help="output folder (default: export/ next to the checkpoint)")
     p.add_argument("--format", default="all", choices=["pt", "safetensors", "hf", "all"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the exported weights")
     args = p.parse_args(argv)
     if args.ckpt is None:
         args.ckpt = find_checkpoint("out")
-    out_dir = args.out or os.path.join(os.path.dirname(args.ckpt), "export")
+    out_dir = args.out_dir or os.path.join(os.path.dirname(args.ckpt), "export")
     formats = ["pt", "safetensors", "hf"] if args.format == "all" else [args.format]
     try:
         written = export(args.ckpt, out_dir, formats, args.dtype)
-    except (CheckpointError, TokenizerError, ExportError) as e:
-        sys.exit(f"error: {e}")
     except OSError as e:
-        sys.exit(f"error: cannot write the export to {out_dir}: {e.strerror or e}")
+        raise UserError(f"cannot write the export to {out_dir}: {e.strerror or e}") from None
     print("wrote " + ", ".join(written))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -2,15 +2,12 @@
 The Forge transformer: a LLaMA-style decoder in one file, read top to bottom.
 
     config -> RMSNorm -> rotary embeddings -> grouped-query attention -> SwiGLU MLP
-           -> block -> model -> generation (KV cache) -> runtime helpers
+           -> block -> model (+ its FLOPs and training memory) -> generation (KV cache) -> sampling
 
 Pre-norm blocks, no biases, input and output embeddings tied. The layout and the maths are those of
 Hugging Face's LlamaForCausalLM, so export.py only has to rename tensors.
 """
-import contextlib
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -215,7 +212,7 @@ class Forge(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    @torch.inference_mode()  # no_grad without autograd's version counters: ~9% faster small-model decoding
+    @torch.inference_mode()  # no_grad without autograd's version counters: faster small-model decoding
     def generate(self, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
                  generator=None):
         """Yield new token ids one at a time (batch 1), for streaming. The prompt is run once to fill
@@ -244,7 +241,7 @@ class Forge(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices only (not norms). The fused kernel (CUDA and CPU) updates every
-        parameter in one pass instead of a dozen: ~5x faster than the default on a 2-core CPU."""
+        parameter in one pass instead of a dozen small ones."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -259,6 +256,31 @@ class Forge(nn.Module):
     def estimate_mfu(self, tokens_per_iter, seq_len, dt, peak_flops):
         """Model FLOPs utilization: achieved FLOP/s as a fraction of the hardware peak you pass in."""
         return self.flops_per_token(seq_len) * tokens_per_iter / dt / peak_flops
+
+    def activation_bytes(self, act_bytes):
+        """(saved, transient) activation bytes per token of a training step: what autograd keeps from the
+        forward pass for backward, and what backward allocates on top at its peak (the loss gradient over the
+        vocabulary and, with checkpointing, the block being recomputed). act_bytes is 2 under autocast, 4 in
+        fp32. Counted from this file's forward pass; tests check `saved` against autograd's saved tensors."""
+        cfg, s = self.config, act_bytes
+        d, f, h, kv, V = cfg.n_embd, cfg.ffn_hidden, cfg.n_head, cfg.n_kv_head * cfg.head_dim, cfg.vocab_size
+        # per block: q/k/v/out/MLP tensors in the activation dtype, fp32 copies around the two RMSNorms (none
+        # in fp32, where .float() is a no-op), and a few per-row statistics (softmax log-sum-exp per head, rms)
+        block = s * (7 * d + 4 * f + 2 * kv) + (16 if s == 2 else 4) * d + 4 * h + 8
+        # embedding and final norm, and the loss's fp32 log-softmax over the vocabulary
+        ends = (8 + s) * d + 12 + 4 * V
+        saved = ends + cfg.n_layer * (4 * d if cfg.grad_checkpoint else block)  # checkpointing: fp32 block inputs
+        transient = 8 * V + (block if cfg.grad_checkpoint else 0)  # two fp32 gradients of the log-softmax
+        return saved, transient
+
+    def estimate_memory(self, batch_size, block_size, act_bytes):
+        """Peak bytes per device of a training step: fp32 weights, gradients and AdamW's two moments,
+        autocast's half-precision weight copies, and the activations of batch_size x block_size tokens."""
+        n = self.num_params()["total"]
+        saved, transient = self.activation_bytes(act_bytes)
+        return {"weights": 4 * n, "grads": 4 * n, "optimizer": 8 * n,
+                "weight copies": n * act_bytes if act_bytes < 4 else 0,
+                "activations": batch_size * block_size * (saved + transient)}
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -276,105 +298,3 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         outside = probs.cumsum(-1) - probs > top_p  # tokens only needed after the mass is reached
         logits = logits.masked_fill(outside.scatter(0, order, outside), float("-inf"))
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
-
-
-# ----------------------------------------------------------------------------- runtime helpers
-# Shared by train.py, sample.py, chat.py, eval.py and bench.py so that every script picks the device,
-# the precision and the checkpoint format the same way.
-
-def resolve_device(name="auto"):
-    """'auto' -> cuda > mps > cpu; any other name (cpu, cuda, cuda:N, mps) is checked to exist here.
-    A bad name raises ValueError with a one-line message for the user."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    present = {"cpu": True, "mps": torch.backends.mps.is_available(),
-               "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()}
-    if not present.get(device.type, False):
-        raise ValueError(f"device {name!r} is not available on this machine: use auto or cpu")
-    return name
-
-
-def amp_dtype(device_type, dtype="auto"):
-    """The autocast dtype, or None for plain fp32. 'auto': bf16 on GPUs that have it, else fp16 (train
-    with a GradScaler); bf16 on CPUs with native bf16 (AVX512-BF16 or AMX), else fp32. Never fp16 on a
-    CPU: it is emulated there, ~1000x slower than fp32. MPS stays fp32 unless asked. A dtype this device
-    cannot run raises ValueError with a one-line message for the user."""
-    if dtype != "auto":
-        choices = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if dtype not in choices:
-            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
-        if dtype == "float16" and device_type == "cpu":
-            raise ValueError("float16 is emulated on CPUs (~1000x slower than fp32): use bfloat16 or float32")
-        if dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("this GPU has no bfloat16: use float16 (or auto)")
-        return choices[dtype]
-    if device_type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device_type == "cpu" and (getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-                                 or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()):
-        return torch.bfloat16
-    return None
-
-
-def autocast(device_type, dtype):
-    """Mixed-precision context for amp_dtype's choice (a no-op for fp32)."""
-    return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-
-class CheckpointError(Exception):
-    """A checkpoint path that is missing, truncated or not from train.py (message is one line)."""
-
-# A checkpoint is a dict: "model" (state dict), "model_args" (ModelConfig fields), "tokenizer" (name),
-# "config" (train.py's settings), and for resuming: "optimizer", "scaler", "iter_num", "best_val_loss",
-# "rng". Everything in it is a tensor or plain Python data, so it loads with weights_only=True.
-
-
-def save_checkpoint(ckpt, path):
-    """torch.save to a temporary name, then rename: a kill at any moment leaves the old file intact."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_json(obj, path):
-    """Readable JSON (reports, transcripts, configs), written like checkpoints: temporary name, then rename."""
-    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(f"{path}.tmp", path)
-
-
-def load_checkpoint(path, device="cpu"):
-    """Load a train.py checkpoint -> (model in eval mode on device, the checkpoint dict)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path}: train one with `python train.py` or pass --ckpt")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read {path} as a checkpoint ({type(e).__name__}): truncated or not a torch file")
-    if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
-        raise CheckpointError(f"{path} is not a nanoforge checkpoint (it has no model / model_args)")
-    return model_from(ckpt["model_args"], ckpt["model"], path).to(device).eval(), ckpt
-
-
-def model_from(model_args, state_dict, path):
-    """A Forge built from a file's model_args and weights; a mismatch is a one-line CheckpointError."""
-    try:
-        model = Forge(ModelConfig(**model_args))
-        model.load_state_dict(state_dict)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: its weights do not fit its model_args ({str(e).splitlines()[0]})")
-    return model
-
-
-def find_checkpoint(out_dir):
-    """The checkpoint a script uses by default: out_dir/best.pt (lowest val loss), else out_dir/ckpt.pt."""
-    best = os.path.join(out_dir, "best.pt")
-    return best if os.path.isfile(best) else os.path.join(out_dir, "ckpt.pt")

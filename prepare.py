@@ -2,12 +2,12 @@
 Datasets -> token files for train.py.
 
     python prepare.py                                   # the built-in reasoning dataset -> data/reasoning (offline)
-    python prepare.py gsm8k openhermes --max-samples 20000 --tokenizer gpt2
+    python prepare.py gsm8k openhermes --max_samples 20000 --tokenizer gpt2
     python prepare.py my_notes.txt qa.jsonl gsm8k=gsm8k-train.parquet
 
-Writes OUT/train.bin and OUT/val.bin (np.uint16 token ids, every document is <|bos|> … <|eos|>), for chat data
-OUT/train_mask.bin and OUT/val_mask.bin (np.uint8, 1 = a token the model learns to produce), and OUT/meta.json.
-Everything is written under temporary names and renamed at the end; meta.json comes last.
+Writes OUT_DIR/train.bin and OUT_DIR/val.bin (np.uint16 token ids, every document is <|bos|> … <|eos|>), for chat
+data OUT_DIR/train_mask.bin and OUT_DIR/val_mask.bin (np.uint8, 1 = a token the model learns to produce), and
+OUT_DIR/meta.json. Everything is written under temporary names and renamed at the end; meta.json comes last.
 """
 import argparse
 import hashlib
@@ -26,181 +26,17 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm import tqdm
 
-from tokenizer import TOKENIZERS, TokenizerError, get_tokenizer, padded_vocab_size, render_conversation, special_ids
-
-
-class PrepareError(Exception):
-    """A user mistake or an unavailable dataset, explained in one line."""
+from common import UserError, load_tokenizer, run_main, save_json
+from tasks import Difficulty, sample_problem
+from tokenizer import TOKENIZERS, padded_vocab_size, render_conversation, special_ids
 
 
 # ============================================================ the built-in reasoning dataset
-# Small, exactly checkable problems whose think block is a short, regular, digit-by-digit trace: designed so
-# that a model of a few million parameters can learn each small step on a CPU in minutes, while the answer in
-# one step (the <|no_think|> examples) stays out of its reach.
-
-@dataclass
-class Difficulty:
-    digits: int = 3          # add / sub / max: numbers of up to this many digits
-    mul_digits: tuple = (2, 1)  # mul: up to A-digit × up to B-digit (B >= 2 adds partial products)
-    list_len: int = 5        # sort / max: lists of up to this many numbers
-
+# The problems, their traces and the held-out split are in tasks.py; here is only the mix: how many examples,
+# which tasks how often, small talk, and the share answered without thinking.
 
 REASONING_EXAMPLES = 50_000  # default size: ~3.6M byte tokens, about what the default train.py run sees
 DIRECT_SHARE = 0.25          # examples answered without thinking (<|no_think|>): eval compares both modes
-HELDOUT_SHARE = 10           # 1 problem in 10 (by hash) is reserved for heldout_items and never trained on
-
-
-def add_steps(a, b):
-    """Column addition, right to left, one line per column. A line starts with what is left of both numbers
-    (and the carry), so the digits to add are the last ones just written; then the column sum and the
-    answer so far:  478+256: 8+6=14, 4 / 47+25+1: 7+5+1=13, 34 / 4+2+1: 4+2+1=7, 734"""
-    lines, carry, done = [], 0, ""
-    while True:
-        c = f"+{carry}" if carry else ""
-        head, x, y, a, b = f"{a}+{b}{c}", a % 10, b % 10, a // 10, b // 10
-        s = x + y + carry
-        carry, done = s // 10, f"{s % 10}{done}"
-        if a == b == 0:
-            return lines + [f"{head}: {x}+{y}{c}={s}, {int(str(carry) + done)}"]
-        lines.append(f"{head}: {x}+{y}{c}={s}, {done}")
-
-
-def sub_steps(a, b):
-    """Column subtraction (a >= b) with borrows, written like add_steps; a borrowing column shows the 10
-    it borrowed:  532-278: 12-8=4, 4 / 53-27-1: 13-7-1=5, 54 / 5-2-1: 5-2-1=2, 254"""
-    lines, borrow, done = [], 0, ""
-    while True:
-        c = "-1" if borrow else ""
-        head, x, y, a, b = f"{a}-{b}{c}", a % 10, b % 10, a // 10, b // 10
-        top = x + 10 if x < y + borrow else x  # borrow 10 from the next column when needed
-        d = top - y - borrow
-        borrow, done = int(top > x), f"{d}{done}"
-        if a == b == 0:
-            return lines + [f"{head}: {top}-{y}{c}={d}, {int(done)}"]
-        lines.append(f"{head}: {top}-{y}{c}={d}, {done}")
-
-
-def mul_digit_steps(a, d):
-    """a × one digit, right to left with carries:  47*6: 7*6=42, 2 / 4*6+4: 4*6+4=28, 282"""
-    lines, carry, done = [], 0, ""
-    while True:
-        c = f"+{carry}" if carry else ""
-        head, x, a = f"{a}*{d}{c}", a % 10, a // 10
-        p = x * d + carry
-        carry, done = p // 10, f"{p % 10}{done}"
-        if a == 0:
-            return lines + [f"{head}: {x}*{d}{c}={p}, {int(str(carry) + done)}"]
-        lines.append(f"{head}: {x}*{d}{c}={p}, {done}")
-
-
-def mul_steps(a, b):
-    """a × b: one partial product per digit of b (right to left), each added to the running total."""
-    lines, total = [], 0
-    for i, d in enumerate(reversed(str(b))):
-        lines += mul_digit_steps(a, int(d))
-        partial = a * int(d) * 10 ** i
-        if i:
-            lines += add_steps(total, partial)
-        total += partial
-    return lines
-
-
-def number(rng, digits):
-    """A number of 1..digits digits; the digit count is uniform so short and long numbers are equally common."""
-    k = rng.randint(1, digits)
-    return rng.randint(10 ** (k - 1) if k > 1 else 0, 10 ** k - 1)
-
-
-def task_add(rng, d):
-    a, b = number(rng, d.digits), number(rng, d.digits)
-    q = rng.choice(["What is {} + {}?", "{} + {} = ?", "Add {} and {}."]).format(a, b)
-    return f"add {a} {b}", q, add_steps(a, b), str(a + b)
-
-
-def task_sub(rng, d):
-    a, b = sorted([number(rng, d.digits), number(rng, d.digits)], reverse=True)
-    q = rng.choice(["What is {} - {}?", "{} - {} = ?", "Subtract {1} from {0}."]).format(a, b)
-    return f"sub {a} {b}", q, sub_steps(a, b), str(a - b)
-
-
-def task_mul(rng, d):
-    a, b = number(rng, d.mul_digits[0]), number(rng, d.mul_digits[1])
-    q = rng.choice(["What is {} * {}?", "{} * {} = ?", "Multiply {} by {}."]).format(a, b)
-    return f"mul {a} {b}", q, mul_steps(a, b), str(a * b)
-
-
-def task_sort(rng, d):
-    nums = [rng.randint(0, 99) for _ in range(rng.randint(3, d.list_len))]
-    rest, steps = list(nums), []
-    while rest:  # selection sort: the smallest of what is left, until nothing is
-        steps.append(f"{', '.join(map(str, rest))}: min {min(rest)}")
-        rest.remove(min(rest))
-    q = rng.choice(["Sort these numbers: {}", "Sort from smallest to largest: {}"]).format(", ".join(map(str, nums)))
-    return f"sort {nums}", q, steps, ", ".join(map(str, sorted(nums)))
-
-
-def task_max(rng, d):
-    nums = [number(rng, d.digits) for _ in range(rng.randint(2, d.list_len))]
-    best, steps = nums[0], []
-    for x in nums[1:]:  # a running maximum, one comparison per line
-        steps.append(f"{best}, {x} -> {max(best, x)}")
-        best = max(best, x)
-    listed = ", ".join(map(str, nums))
-    q = f"Which is larger, {nums[0]} or {nums[1]}?" if len(nums) == 2 else f"What is the largest of {listed}?"
-    return f"max {nums}", q, steps, str(best)
-
-
-WORDS = """apple banana cherry strawberry orange grape lemon melon peach pear plum mango kiwi papaya coconut
-tomato potato carrot pepper onion garlic butter bread cookie pizza pasta rice sugar coffee water bottle
-letter paper pencil school teacher student window garden flower forest river mountain valley island ocean
-bridge castle rocket planet galaxy comet rabbit kitten puppy turtle parrot giraffe elephant zebra monkey
-dolphin penguin spider beetle mirror ladder hammer basket button pillow blanket jacket mitten balloon
-summer winter autumn spring morning evening tomorrow yesterday holiday birthday market village cottage
-engine wheel bicycle tractor airplane subway harbor lighthouse library museum theater concert guitar violin
-trumpet banner ribbon pattern puzzle riddle secret mystery wizard dragon goblin knight princess kingdom
-treasure diamond silver copper marble crystal thunder rainbow shadow bubble cinnamon vanilla committee
-mississippi assessment bookkeeper address success possess necessary parallel""".split()
-
-
-def task_count(rng, d):
-    word = rng.choice(WORDS)
-    letter = rng.choice(word) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
-    n, spelled = 0, []
-    for ch in word:  # spell the word, comparing each letter with the one asked for, with a running count:
-        n += ch == letter  # the letter is restated at every step so the comparison is local
-        spelled.append(f"{ch}{'=' if ch == letter else '≠'}{letter} {n}")
-    q = rng.choice(["How many times does the letter {} appear in {}?", "How many {}'s are in {}?"]).format(letter, word)
-    return f"count {word} {letter}", q, [", ".join(spelled)], str(n)
-
-
-NAMES = ["Ana", "Ben", "Mia", "Sam", "Leo", "Zoe", "Max", "Ivy", "Tom", "Eva"]
-THINGS = ["apples", "pens", "cards", "stickers", "books", "marbles", "coins", "shells", "cookies", "stamps"]
-WORD_PROBLEMS = [  # (template, first operation, second operation): two steps, each one traced like above
-    ("{n} has {a} {t}. {n} gets {b} more and gives away {c}. How many {t} does {n} have now?", "+", "-"),
-    ("{n} had {a} {t}, lost {b} and then found {c}. How many {t} does {n} have now?", "-", "+"),
-    ("{n} buys {b} bags of {a} {t} and already had {c}. How many {t} does {n} have?", "*", "+"),
-]
-STEPS = {"+": add_steps, "-": sub_steps, "*": mul_steps}
-APPLY = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
-
-
-def task_word(rng, d):
-    i = rng.randrange(len(WORD_PROBLEMS))
-    template, op1, op2 = WORD_PROBLEMS[i]
-    a, b, c = rng.randint(10, 99), rng.randint(2, 9 if op1 == "*" else 99), rng.randint(1, 99)
-    if op1 == "-":
-        a, b = max(a, b), min(a, b)
-    first = APPLY[op1](a, b)
-    if op2 == "-":
-        c = min(c, first)
-    q = template.format(n=rng.choice(NAMES), t=rng.choice(THINGS), a=a, b=b, c=c)
-    steps = [f"{a}{op1}{b}{op2}{c}"] + STEPS[op1](a, b) + STEPS[op2](first, c)
-    return f"word {i} {a} {b} {c}", q, steps, str(APPLY[op2](first, c))
-
-
-TASK_MAKERS = {"add": task_add, "sub": task_sub, "mul": task_mul, "sort": task_sort, "count": task_count,
-               "max": task_max, "word": task_word}
-TASKS = list(TASK_MAKERS)
 TASK_WEIGHTS = {"add": 3, "sub": 3, "mul": 3, "sort": 2, "count": 2, "max": 2, "word": 2, "smalltalk": 1}
 
 SMALLTALK = [  # (things a user says, things Forge answers): always answered without thinking
@@ -218,19 +54,6 @@ SMALLTALK = [  # (things a user says, things Forge answers): always answered wit
 ]
 
 
-def is_heldout(key):
-    """Whether a problem is reserved for evaluation: decided by a hash, so train and held-out never share one."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") % HELDOUT_SHARE == 0
-
-
-def sample_problem(task, rng, difficulty, heldout):
-    """(question, thinking, answer) for a problem on the requested side of the held-out line."""
-    while True:
-        key, question, steps, answer = TASK_MAKERS[task](rng, difficulty)
-        if is_heldout(key) == heldout:
-            return question, "\n".join(steps), answer
-
-
 def reasoning_documents(n, seed, difficulty):
     """n chat examples of the built-in dataset, deterministic for a seed."""
     rng = random.Random(seed)
@@ -245,25 +68,6 @@ def reasoning_documents(n, seed, difficulty):
             if rng.random() < DIRECT_SHARE:
                 thinking = None
         yield [{"role": "user", "content": question}, {"role": "assistant", "content": answer, "thinking": thinking}]
-
-
-def heldout_items(n, seed=20240601, difficulty=None):
-    """n evaluation items (task, messages ending with the user turn, answer), cycling through TASKS.
-    They come from the reserved share of problems, so none of them is ever in the training data."""
-    rng, difficulty = random.Random(seed), difficulty or Difficulty()
-    for i in range(n):
-        task = TASKS[i % len(TASKS)]
-        question, _, answer = sample_problem(task, rng, difficulty, heldout=True)
-        yield task, [{"role": "user", "content": question}], answer
-
-
-def check_answer(task, text, answer):
-    """Exact match of the model's answer text, ignoring whitespace, case and a final period."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}: known tasks are {', '.join(TASKS)}")
-    def norm(s):
-        return re.sub(r"\s+", "", s).rstrip(".").lower()
-    return norm(text) == norm(answer)
 
 
 # ============================================================ recipes: one record of a dataset -> a document
@@ -363,7 +167,7 @@ def hub_records(name, max_samples, num_proc):
         yield from ds
     except Exception as e:  # offline, not found, gated, interrupted stream: one line, with a way out
         why = (str(e).strip().splitlines() or [""])[0][:160]
-        raise PrepareError(f"cannot load {name} ({path}) from the Hugging Face Hub ({type(e).__name__}: {why}); "
+        raise UserError(f"cannot load {name} ({path}) from the Hugging Face Hub ({type(e).__name__}: {why}); "
                            f"check the connection, or download its files and pass them as {name}=FILE") from None
 
 
@@ -388,7 +192,7 @@ def file_records(path):
             for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
                 yield from batch.to_pylist()
         except Exception as e:
-            raise PrepareError(f"{path}: cannot read it as parquet ({type(e).__name__}: {e})") from None
+            raise UserError(f"{path}: cannot read it as parquet ({type(e).__name__}: {e})") from None
         return
     with open(path, encoding="utf-8") as f:
         if path.endswith(".json"):
@@ -396,7 +200,7 @@ def file_records(path):
                 data = json.load(f)
             except json.JSONDecodeError as e:
                 if e.msg != "Extra data":  # "Extra data": a .json file that is really JSON lines
-                    raise PrepareError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+                    raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
                 f.seek(0)
             else:
                 yield from data if isinstance(data, list) else [data]
@@ -406,7 +210,7 @@ def file_records(path):
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise PrepareError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix or remove that line") from None
+                    raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix or remove that line") from None
 
 
 @dataclass
@@ -427,12 +231,12 @@ def open_source(spec, args):
         return Source(spec, itertools.islice(hub_records(spec, args.max_samples, args.num_proc), args.max_samples),
                       RECIPES[spec][2], args.max_samples)
     if recipe is not None and recipe not in RECIPES:
-        raise PrepareError(f"unknown recipe {recipe!r} in {spec!r}: known recipes are {', '.join(RECIPES)}")
+        raise UserError(f"unknown recipe {recipe!r} in {spec!r}: known recipes are {', '.join(RECIPES)}")
     if not path.endswith(LOCAL_FILES):
-        raise PrepareError(f"unknown dataset {spec!r}: use reasoning, {', '.join(RECIPES)}, a local "
+        raise UserError(f"unknown dataset {spec!r}: use reasoning, {', '.join(RECIPES)}, a local "
                            f"{'/'.join(LOCAL_FILES)} file, or RECIPE=FILE")
     if not os.path.isfile(path):
-        raise PrepareError(f"no such file: {path}")
+        raise UserError(f"no such file: {path}")
     name = recipe or os.path.splitext(os.path.basename(path))[0]
     if path.endswith(".txt"):
         return Source(name, itertools.islice(txt_documents(path), args.max_samples), as_is, args.max_samples)
@@ -471,7 +275,7 @@ def encode_chunk(docs, enc, key):
 
 
 class BinWriter:
-    """Appends documents to OUT/{split}.bin and OUT/{split}_mask.bin under temporary names, one shard of
+    """Appends documents to OUT_DIR/{split}.bin and OUT_DIR/{split}_mask.bin under temporary names, one shard of
     about a million tokens at a time, so memory stays bounded however large the dataset is."""
     SHARD_TOKENS = 1 << 20
 
@@ -579,10 +383,10 @@ def tokenize_all(sources, enc, writers, args):
 
 def prepare(args):
     sources = [open_source(spec, args) for spec in args.datasets]
-    enc = get_tokenizer(args.tokenizer)
+    enc = load_tokenizer(args.tokenizer)
     if enc.n_vocab > 65536:
-        raise PrepareError(f"tokenizer {args.tokenizer} has {enc.n_vocab} tokens: ids above 65535 do not fit uint16")
-    out = args.out or os.path.join("data", "+".join(s.name for s in sources))
+        raise UserError(f"tokenizer {args.tokenizer} has {enc.n_vocab} tokens: ids above 65535 do not fit uint16")
+    out = args.out_dir or os.path.join("data", "+".join(s.name for s in sources))
     new_dir = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
@@ -595,9 +399,9 @@ def prepare(args):
                   for split in ("train", "val")}
         if not totals["train"]["documents"] or not totals["val"]["documents"]:
             n = totals["train"]["documents"] + totals["val"]["documents"]
-            raise PrepareError("no documents to write (all records were malformed or empty)" if n == 0 else
-                               f"only {n} documents: the {'val' if n == totals['train']['documents'] else 'train'} "
-                               f"split is empty; use more data or another --val-fraction")
+            raise UserError("no documents to write (all records were malformed or empty)" if n == 0 else
+                            f"only {n} documents: the {'val' if n == totals['train']['documents'] else 'train'} "
+                            f"split is empty; use more data or another --val_fraction")
     except BaseException:
         for w in writers.values():
             w.discard()
@@ -617,9 +421,7 @@ def prepare(args):
             "command": shlex.join(["python", "prepare.py", *args.argv])}
     if "reasoning" in args.datasets:
         meta["difficulty"] = asdict(args.difficulty)
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(meta_path + ".tmp", meta_path)
+    save_json(meta, meta_path)
     seconds = time.time() - t0
     tokens = totals["train"]["tokens"] + totals["val"]["tokens"]
     print(f"wrote {out}: train {totals['train']['tokens']:,} tokens / {totals['train']['documents']:,} docs, "
@@ -632,7 +434,7 @@ def prepare(args):
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + error
-        raise PrepareError(f"{message} (see python prepare.py --help)")
+        raise UserError(f"{message} (see python prepare.py --help)")
 
 
 def parse_args(argv):
@@ -640,24 +442,24 @@ def parse_args(argv):
     p.add_argument("datasets", nargs="*", default=["reasoning"],
                    help=f"reasoning (default), {', '.join(RECIPES)}, local {'/'.join(LOCAL_FILES)} files, "
                         "or RECIPE=FILE (a recipe applied to that dataset's downloaded file)")
-    p.add_argument("--max-samples", type=int, help="records per dataset (hub datasets are then streamed)")
+    p.add_argument("--max_samples", type=int, help="records per dataset (hub datasets are then streamed)")
     p.add_argument("--tokenizer", choices=TOKENIZERS, help="default: byte for reasoning alone, else gpt2")
-    p.add_argument("--out", help="output folder (default: data/NAME)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for validation")
-    p.add_argument("--num-proc", type=int, default=min(8, os.cpu_count() or 1), help="tokenizer threads")
+    p.add_argument("--out_dir", help="output folder (default: data/NAME)")
+    p.add_argument("--val_fraction", type=float, default=0.05, help="share of documents for validation")
+    p.add_argument("--num_proc", type=int, default=min(8, os.cpu_count() or 1), help="tokenizer threads")
     p.add_argument("--seed", type=int, default=1337, help="generator seed (reasoning) and split seed")
     p.add_argument("--digits", type=int, default=Difficulty.digits, help="reasoning: add/sub/max digits")
-    p.add_argument("--mul-digits", default="2x1", help="reasoning: AxB, up to A-digit times up to B-digit")
-    p.add_argument("--list-len", type=int, default=Difficulty.list_len, help="reasoning: longest list")
+    p.add_argument("--mul_digits", default="2x1", help="reasoning: AxB, up to A-digit times up to B-digit")
+    p.add_argument("--list_len", type=int, default=Difficulty.list_len, help="reasoning: longest list")
     args = p.parse_args(argv)
     if args.max_samples is not None and args.max_samples < 1:
-        p.error("--max-samples must be at least 1")
+        p.error("--max_samples must be at least 1")
     if not 0 < args.val_fraction < 1:
-        p.error("--val-fraction must be between 0 and 1")
+        p.error("--val_fraction must be between 0 and 1")
     if args.num_proc < 1:
-        p.error("--num-proc must be at least 1")
+        p.error("--num_proc must be at least 1")
     if not re.fullmatch(r"[1-9]x[1-9]", args.mul_digits) or args.digits < 1 or args.list_len < 3:
-        p.error("difficulty: --digits >= 1, --mul-digits like 2x1, --list-len >= 3")
+        p.error("difficulty: --digits >= 1, --mul_digits like 2x1, --list_len >= 3")
     args.difficulty = Difficulty(args.digits, tuple(int(x) for x in args.mul_digits.split("x")), args.list_len)
     args.tokenizer = args.tokenizer or ("byte" if args.datasets == ["reasoning"] else "gpt2")
     args.argv = list(argv)
@@ -665,14 +467,11 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
     try:
-        prepare(parse_args(argv))
-    except (PrepareError, TokenizerError) as e:
-        sys.exit(f"prepare.py: error: {e}")
+        prepare(parse_args(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt:
         sys.exit("prepare.py: interrupted; nothing was written")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,5 +1,5 @@
 """
-Tokenizers and the chat format.
+Tokenizers, the chat format, and text streamed out of token ids.
 
 Two tiktoken encodings, both extended with the same 12 chat special tokens:
   "gpt2" - GPT-2 BPE (50257 tokens incl. <|endoftext|>) for real text; specials are 50257..50268
@@ -14,6 +14,7 @@ and the final <|eos|>. Text from users and datasets is always encoded with encod
 "<|think|>" typed by a user stays ordinary text and can never become a control token.
 """
 import base64
+import codecs
 import functools
 import os
 
@@ -26,17 +27,14 @@ TOKENIZERS = ("gpt2", "byte")
 GPT2_RANKS_ENV = "NANOFORGE_GPT2_RANKS"  # a local gpt2.tiktoken file (e.g. from the openai-whisper sdist)
 
 
-class TokenizerError(Exception):
-    """A user-facing problem with a tokenizer, explained in one line."""
-
-
 def get_tokenizer(name):
-    """The named tiktoken encoding with the chat special tokens appended after its base vocabulary."""
+    """The named tiktoken encoding with the chat special tokens appended after its base vocabulary. Problems a
+    user can fix (an unknown name, GPT-2 ranks that cannot be loaded) raise ValueError with a one-line message."""
     if name == "byte":
         return _with_chat_tokens("byte", {bytes([b]): b for b in range(256)}, {})
     if name == "gpt2":
         return _with_chat_tokens("gpt2", _gpt2_ranks(), {"<|endoftext|>": 50256})
-    raise TokenizerError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}")
+    raise ValueError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}")
 
 
 def _with_chat_tokens(name, ranks, base_specials):
@@ -58,10 +56,10 @@ def _gpt2_ranks():
             ranks = tiktoken_ext.openai_public.gpt2()["mergeable_ranks"]
     except Exception as e:  # network errors, a missing or corrupt file: all end the same way for the user
         where = f"from {GPT2_RANKS_ENV}={path}" if path else "(tiktoken downloads them on first use)"
-        raise TokenizerError(f"cannot load the GPT-2 BPE ranks {where}: {type(e).__name__}. Prepare with --tokenizer byte, "
+        raise ValueError(f"cannot load the GPT-2 BPE ranks {where}: {type(e).__name__}. Prepare with --tokenizer byte, "
                              f"pre-fill TIKTOKEN_CACHE_DIR, or set {GPT2_RANKS_ENV} to a gpt2.tiktoken file") from None
     if len(ranks) != 50256:
-        raise TokenizerError(f"{path or 'the download'} holds {len(ranks)} ranks, GPT-2 has 50256: "
+        raise ValueError(f"{path or 'the download'} holds {len(ranks)} ranks, GPT-2 has 50256: "
                              f"point {GPT2_RANKS_ENV} at gpt2.tiktoken")
     return ranks
 
@@ -169,3 +167,50 @@ def split_thinking(ids, enc):
         # padding ids (n_vocab .. vocab_size) can be sampled by an undertrained model: they are not text
         return enc.decode([t for t in part if t not in every_special and t < enc.n_vocab]).strip()
     return text(thinking), text(answer)
+
+
+def fit_to_window(messages, enc, reasoning, max_tokens):
+    """What the model gets to see of a conversation: the system prompt, then the newest turns whose
+    rendered prompt is at most max_tokens long. Whole exchanges are dropped oldest first; a last message
+    too long on its own keeps only its end (where the question usually is).
+    Returns (messages, dropped_turns, cut_message)."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = list(messages[len(system):])
+    dropped = cut = False
+    while len(render_prompt(system + turns, enc, reasoning)) > max_tokens and len(turns) > 1:
+        turns = turns[1:]
+        while turns[0]["role"] != "user":  # an exchange starts with the user
+            turns = turns[1:]
+        dropped = True
+    while (excess := len(render_prompt(system + turns, enc, reasoning)) - max_tokens) > 0:
+        ids = enc.encode_ordinary(turns[-1]["content"])
+        text = enc.decode_bytes(ids[excess:]).decode("utf-8", errors="ignore")  # drop a half-cut character
+        turns[-1] = {"role": "user", "content": text}
+        cut = True
+    return system + turns, dropped, cut
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+class TextStream:
+    """Token ids -> text, one id at a time, for streaming. One character can span several tokens (each
+    byte of 'é' is its own token in the byte tokenizer), so bytes pass through an incremental UTF-8
+    decoder; invalid bytes come out as U+FFFD. Special tokens are dropped, or shown by name with
+    show_special. Ids past the tokenizer (the padding rows of the embedding) are never text."""
+
+    def __init__(self, enc, show_special=False):
+        self.enc, self.show_special = enc, show_special
+        self.special = all_special_ids(enc)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, token_id):
+        if token_id in self.special:
+            name = self.enc.decode_single_token_bytes(token_id).decode() if self.show_special else ""
+            return self.flush() + name
+        if token_id >= self.enc.n_vocab:
+            return ""
+        return self.decoder.decode(self.enc.decode_single_token_bytes(token_id))
+
+    def flush(self):
+        """Whatever an unfinished character left behind (as U+FFFD)."""
+        return self.decoder.decode(b"", final=True)

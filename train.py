@@ -1,7 +1,7 @@
 """
 Train a Forge model: one readable loop, from a 2-core laptop to many GPUs.
 
-    python prepare.py && python train.py                 # the embedded demo: ~8 minutes on a 2-core CPU
+    python prepare.py && python train.py                 # the embedded demo, sized for a 2-core CPU
     python train.py config/nano_3050ti.py --batch_size=1  # a preset, then command-line overrides
     python train.py --resume                             # continue out_dir/ckpt.pt exactly where it stopped
     python train.py config/sft_chat.py --init_from=out-nano/best.pt   # fine-tune: weights only
@@ -9,35 +9,35 @@ Train a Forge model: one readable loop, from a 2-core laptop to many GPUs.
 
 Settings are the module-level defaults below, overridden in order by config files (plain Python
 assignments) and --key=value arguments (a Python literal of the default's type; text for text
-settings; a bare --flag means True). The effective config is printed and stored in every checkpoint.
+settings; a bare --flag means True): see configurator.py. The effective config is printed and stored
+in every checkpoint.
 
 Test hook: NANOFORGE_NAN_ITERS="3,4" turns the loss into NaN at those iterations, to exercise the
 non-finite guard (skip the update; stop after max_nonfinite in a row).
 """
-import ast
-import builtins
 import contextlib
-import difflib
-import json
+import itertools
 import math
 import os
-import signal
 import sys
 import textwrap
 import time
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import CheckpointError, Forge, ModelConfig, amp_dtype, autocast, load_checkpoint, resolve_device, save_checkpoint
+import configurator
+from common import (DTYPES, MetricsLog, StopFlag, UserError, amp_dtype, autocast, get_batch, load_checkpoint,
+                    load_data, peak_flops, random_starts, resolve_device, run_main, save_checkpoint, start_wandb,
+                    to_device)
+from model import Forge, ModelConfig
 
 # ----------------------------------------------------------------------------- defaults
-# The embedded demo: a 3M-parameter model on the built-in reasoning data (`python prepare.py`),
-# tuned to finish in about 8 minutes on a 2-core CPU with bf16 (85% vs 35% with and without thinking).
+# The embedded demo: a 3M-parameter model on the built-in reasoning data (`python prepare.py`), tuned to
+# finish in minutes on a 2-core CPU and to answer clearly better with its thinking than without.
 # I/O
 out_dir = "out"
 data_dir = "data/reasoning"
@@ -60,7 +60,7 @@ ffn_hidden = 0           # 0: 8/3 * n_embd, rounded up to a multiple of 64
 emb_rank = 0             # > 0: factorized embedding of this rank (Yxanul)
 block_size = 256         # context length
 dropout = 0.0
-grad_checkpoint = False  # recompute activations in backward: much less memory, ~30% more compute
+grad_checkpoint = False  # recompute activations in backward: much less memory, one more forward pass
 # optimization: tokens per step = batch_size * block_size * grad_accum * world size
 batch_size = 16
 grad_accum = 1
@@ -81,78 +81,35 @@ dtype = "auto"           # auto | float32 | bfloat16 | float16 (auto: bf16 where
 compile = "auto"         # auto | True | False (auto: on for CUDA and for CPUs with native bf16)
 seed = 1337
 
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, list))}
+DEFAULTS = configurator.defaults_of(globals())
+CHOICES = {"compile": ("auto", True, False), "device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", *DTYPES)}
 ARCHITECTURE = ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "emb_rank")
 NAN_ITERS_ENV = "NANOFORGE_NAN_ITERS"
-
-# Dense bf16/fp16 tensor-core peaks (datasheets), the denominator of MFU; other devices show no MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
-              "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
-
-
-class ConfigError(Exception):
-    """A bad setting, explained in one line."""
 
 
 # ----------------------------------------------------------------------------- configuration
 
-def parse_args(argv):
-    """Config files and --key=value arguments, in order -> {key: value}, each checked against DEFAULTS."""
-    overrides = {}
-    for arg in argv:
-        if arg.startswith("--"):
-            key, has_value, text = arg[2:].partition("=")
-            overrides[key] = check_value(key, parse_value(key, text) if has_value else True)
-        else:
-            overrides.update(read_config_file(arg))
-    return overrides
-
-
-def parse_value(key, text):
-    """Text settings take the text as it is; everything else is a Python literal."""
-    if isinstance(DEFAULTS.get(key), str) and key != "compile":
-        return text
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # not a literal: check_value reports the type mismatch
-
-
-def read_config_file(path):
-    """A config file is Python: its top-level assignments (names without a leading _) are overrides."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} not found (arguments are config files or --key=value)")
-    namespace = {}
-    try:
-        exec(builtins.compile(open(path).read(), path, "exec"), namespace)  # `compile` is a setting here
-    except Exception as e:
-        line = f" line {e.lineno}" if isinstance(e, SyntaxError) else ""
-        raise ConfigError(f"{path}{line}: {type(e).__name__}: {e}")
-    return {k: check_value(k, v, path) for k, v in namespace.items()
-            if not k.startswith("_") and not callable(v) and not isinstance(v, type(os))}
-
-
-def check_value(key, value, where="command line"):
-    """The value if key is a setting and value has its default's type (an int is fine for a float)."""
-    if key not in DEFAULTS:
-        close = difflib.get_close_matches(key, DEFAULTS, n=3, cutoff=0.5)
-        hint = f"did you mean {' or '.join(close)}?" if close else "see the defaults at the top of train.py"
-        raise ConfigError(f"unknown setting {key!r} ({where}): {hint}")
-    default = DEFAULTS[key]
-    if key == "compile":
-        ok = isinstance(value, bool) or value == "auto"
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, list):
-        ok = isinstance(value, (list, tuple))
-        value = [tuple(stage) if isinstance(stage, (list, tuple)) else stage for stage in value] if ok else value
-    else:
-        ok = type(value) is type(default)
-    if not ok:
-        want = "auto, True or False" if key == "compile" else f"{type(default).__name__} (like {default!r})"
-        raise ConfigError(f"{key}={value!r} ({where}): expected {want}")
-    return value
+def settings(argv):
+    """(cfg, ckpt): the run's settings, and the checkpoint it starts from (init_from or resume) or None.
+    defaults < a resumed run's stored config < config files and --key=value; the architecture (ARCHITECTURE)
+    is the checkpoint's, whatever the settings say."""
+    overrides = configurator.parse_args(argv, DEFAULTS, CHOICES)
+    config = DEFAULTS | overrides
+    path = os.path.join(config["out_dir"], "ckpt.pt") if config["resume"] else config["init_from"]
+    ckpt = None
+    if path:
+        if not os.path.isfile(path):
+            raise UserError(f"nothing to resume: {path} does not exist (drop --resume to start a new run)"
+                            if config["resume"] else f"init_from={path}: no checkpoint there (train one first)")
+        _, ckpt = load_checkpoint(path)  # validated and on the CPU; build_model rebuilds the model for this run
+        if config["resume"]:
+            if "optimizer" not in ckpt:
+                raise UserError(f"{path} has no optimizer state: use --init_from={path} instead")
+            config = DEFAULTS | {k: v for k, v in ckpt["config"].items() if k in DEFAULTS} | overrides
+        config |= {k: ckpt["model_args"][k] for k in ARCHITECTURE}
+    cfg = SimpleNamespace(**config)
+    check_config(cfg)
+    return cfg, ckpt
 
 
 def check_config(cfg):
@@ -160,21 +117,17 @@ def check_config(cfg):
     for key in ("batch_size", "grad_accum", "block_size", "eval_interval", "eval_iters", "ckpt_interval",
                 "log_interval", "n_layer", "n_head", "n_kv_head", "n_embd", "max_nonfinite"):
         if getattr(cfg, key) < 1:
-            raise ConfigError(f"{key}={getattr(cfg, key)} must be at least 1")
+            raise UserError(f"{key}={getattr(cfg, key)} must be at least 1")
     for key in ("max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr", "weight_decay", "grad_clip"):
         if getattr(cfg, key) < 0:
-            raise ConfigError(f"{key}={getattr(cfg, key)} must not be negative")
-    if cfg.device not in ("auto", "cpu", "cuda", "mps"):
-        raise ConfigError(f"device={cfg.device!r}: choose auto, cpu, cuda or mps")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype={cfg.dtype!r}: choose auto, float32, bfloat16 or float16")
+            raise UserError(f"{key}={getattr(cfg, key)} must not be negative")
     stages = cfg.seq_curriculum
     if any(not isinstance(s, tuple) or len(s) != 3 or not all(isinstance(v, int) for v in s) for s in stages):
-        raise ConfigError(f"seq_curriculum={stages!r}: expected a list of (from_iter, block_size, batch_size)")
+        raise UserError(f"seq_curriculum={stages!r}: expected a list of (from_iter, block_size, batch_size)")
     if [s[0] for s in stages] != sorted(s[0] for s in stages):
-        raise ConfigError("seq_curriculum stages must be in order of their from_iter")
+        raise UserError("seq_curriculum stages must be in order of their from_iter")
     if any(s[1] > cfg.block_size or s[1] < 1 or s[2] < 1 for s in stages):
-        raise ConfigError(f"seq_curriculum block sizes must be within 1..block_size={cfg.block_size}")
+        raise UserError(f"seq_curriculum block sizes must be within 1..block_size={cfg.block_size}")
 
 
 def stage_at(cfg, it):
@@ -197,61 +150,12 @@ def get_lr(cfg, it):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-# ----------------------------------------------------------------------------- data
-
-def load_data(data_dir, need_bins=True):
-    """meta.json and {split: (tokens, mask or None)} as read-only memmaps of prepare.py's files."""
-    fix = "run `python prepare.py`" if os.path.normpath(data_dir) == os.path.normpath(DEFAULTS["data_dir"]) \
-        else f"run `python prepare.py [DATASET ...] --out {data_dir}`"
-    meta_path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise ConfigError(f"no prepared data in {data_dir} (meta.json is missing): {fix} first")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if not {"tokenizer", "vocab_size"} <= meta.keys():
-        raise ConfigError(f"{meta_path} has no tokenizer / vocab_size: {fix} again")
-    splits = {}
-    for split in ("train", "val") if need_bins else ():
-        path = os.path.join(data_dir, f"{split}.bin")
-        if not os.path.isfile(path):
-            raise ConfigError(f"{path} is missing: {fix} again")
-        tokens = np.memmap(path, dtype=np.uint16, mode="r")
-        mask_path = os.path.join(data_dir, f"{split}_mask.bin")
-        mask = np.memmap(mask_path, dtype=np.uint8, mode="r") if os.path.isfile(mask_path) else None
-        if mask is not None and len(mask) != len(tokens):
-            raise ConfigError(f"{mask_path} has {len(mask)} entries for {len(tokens)} tokens: {fix} again")
-        splits[split] = (tokens, mask)
-    return meta, splits
-
-
-def get_batch(tokens, mask, batch_size, block_size, generator=None):
-    """batch_size random windows -> (x, y), int64 (B, T) on the CPU. y is x shifted by one token, and -1
-    (ignored by the loss) where the mask is 0: mask[i] says whether token i is one to learn."""
-    starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator).numpy()
-    window = starts[:, None] + np.arange(block_size + 1)  # one fancy-index gather, no Python loop
-    x = torch.from_numpy(tokens[window[:, :-1]].astype(np.int64))
-    y = torch.from_numpy(tokens[window[:, 1:]].astype(np.int64))
-    if mask is not None:
-        y[torch.from_numpy(mask[window[:, 1:]] == 0)] = -1
-    return x, y
-
-
-def to_device(batch, device):
-    if device.startswith("cuda"):  # pinned host memory lets the copy overlap with compute
-        return [t.pin_memory().to(device, non_blocking=True) for t in batch]
-    return [t.to(device) for t in batch]
-
-
-# ----------------------------------------------------------------------------- device, precision, memory
+# ----------------------------------------------------------------------------- device, model, compilation
 
 def setup_device(cfg):
     """(device, rank, local_rank, world_size) for this process; torchrun's variables mean DDP."""
-    ddp = "RANK" in os.environ
-    try:
-        name = resolve_device(cfg.device)
-    except ValueError as e:
-        raise ConfigError(f"device={cfg.device}: {e}") from None
-    if not ddp:
+    name = resolve_device(cfg.device)
+    if "RANK" not in os.environ:
         return name, 0, 0, 1
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if name == "cuda":
@@ -261,17 +165,45 @@ def setup_device(cfg):
     return name, rank, local_rank, world
 
 
-def choose_dtype(cfg, device_type):
+def build_model(cfg, meta, ckpt, device="cpu"):
+    """(model args, model): fresh, or with a checkpoint's weights (cfg holds its architecture then); the vocabulary
+    is the data's. device="meta" builds the shapes only (dry_run: no memory, no time)."""
+    if ckpt is not None and (ckpt.get("tokenizer") != meta["tokenizer"]
+                             or ckpt["model_args"]["vocab_size"] != meta["vocab_size"]):
+        raise UserError(f"the checkpoint was trained with the {ckpt.get('tokenizer')} tokenizer (vocab "
+                        f"{ckpt['model_args']['vocab_size']}) but {cfg.data_dir} holds {meta['tokenizer']} tokens "
+                        f"(vocab {meta['vocab_size']}): prepare the data with --tokenizer {ckpt.get('tokenizer')}")
+    stored = ckpt["model_args"] if ckpt is not None else {}  # fields train.py has no setting for (rope_theta...)
+    args = stored | {k: getattr(cfg, k) for k in ARCHITECTURE} | dict(vocab_size=meta["vocab_size"],
+        block_size=cfg.block_size, dropout=cfg.dropout, grad_checkpoint=cfg.grad_checkpoint)
     try:
-        return amp_dtype(device_type, cfg.dtype)
-    except ValueError as e:
-        raise ConfigError(f"dtype={cfg.dtype}: {e}") from None
+        with torch.device(device):
+            model = Forge(ModelConfig(**args))
+    except ValueError as e:  # e.g. n_embd not divisible by n_head
+        raise UserError(str(e)) from None
+    if ckpt is not None and device != "meta":
+        model.load_state_dict(ckpt["model"])
+    return args, model
+
+
+def print_memory_estimate(mem, batch_size, block_size, ptdtype, mc, device):
+    gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+    total = sum(mem.values())
+    parts = " + ".join(f"{k} {gib(v)}" for k, v in mem.items() if v)
+    print(f"memory estimate per device: {parts} = {gib(total)} GiB "
+          f"(micro-batch {batch_size} x {block_size} tokens, {str(ptdtype or torch.float32).removeprefix('torch.')}, "
+          f"grad_checkpoint={mc.grad_checkpoint})")
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(device)
+        if total > free:
+            print(f"warning: the estimate exceeds this GPU's free memory ({gib(free)} GiB): lower batch_size "
+                  "(raise grad_accum to keep tokens per step), block_size, or set grad_checkpoint=True")
 
 
 def choose_compile(cfg, device_type, ptdtype):
-    """compile=auto: on where it measured faster. CUDA: always. CPU (2 cores, the default model): compiled
-    bf16 steps ran 1.10x faster than eager (17.9k vs 16.3k tokens/s), fp32 only 1.04x, and a cold compile
-    costs ~16-18 s plus ~5 s for the evaluation graph. MPS: off (Inductor's Metal backend is experimental)."""
+    """compile=auto: on where it pays. CUDA: always. CPU: with bf16 autocast only, where compiled steps are
+    faster than eager by enough to repay the compile time (cold start and the evaluation graph); in fp32
+    the gain is too small. MPS: off (Inductor's Metal backend is experimental)."""
     if cfg.compile == "auto":
         return device_type == "cuda" or (device_type == "cpu" and ptdtype == torch.bfloat16)
     return cfg.compile
@@ -294,122 +226,18 @@ def compile_model(raw_model, batch, ctx):
         raw_model.zero_grad(set_to_none=True)
 
 
-def activation_bytes(mc, act_bytes):
-    """(saved, transient) activation bytes per token of a training step: what autograd keeps from the forward
-    pass for backward, and what backward allocates on top at its peak (the loss gradient over the vocabulary
-    and, with checkpointing, the block being recomputed). act_bytes is 2 under autocast, 4 in fp32. Measured
-    on model.py with saved-tensor hooks; tests/test_train.py checks `saved` against them."""
-    d, f, h, kv, V, s = mc.n_embd, mc.ffn_hidden, mc.n_head, mc.n_kv_head * mc.head_dim, mc.vocab_size, act_bytes
-    # per block: q/k/v/out/MLP tensors in the activation dtype, fp32 copies around the two RMSNorms (none in
-    # fp32, where .float() is a no-op), and a few per-row statistics (softmax log-sum-exp per head, rms)
-    block = s * (7 * d + 4 * f + 2 * kv) + (16 if s == 2 else 4) * d + 4 * h + 8
-    # embedding and final norm, and the loss's fp32 log-softmax over the vocabulary
-    ends = (8 + s) * d + 12 + 4 * V
-    saved = ends + mc.n_layer * (4 * d if mc.grad_checkpoint else block)  # checkpointing: each block's fp32 input
-    transient = 8 * V + (block if mc.grad_checkpoint else 0)  # two fp32 gradients of the log-softmax
-    return saved, transient
+def add_nan_hook(train_model, first_iter, grad_accum):
+    """The test hook: for the iterations listed in $NANOFORGE_NAN_ITERS, a forward hook turns the loss of
+    every micro-step into NaN. Training passes are counted: grad_accum per iteration from first_iter on."""
+    nan_iters = {int(i) for i in os.environ.get(NAN_ITERS_ENV, "").split(",") if i.strip()}
+    if not nan_iters:
+        return
+    passes = itertools.count(first_iter * grad_accum)
 
-
-def estimate_memory(mc, n_params, batch_size, block_size, act_bytes):
-    """Peak bytes per device of a training step: fp32 weights, gradients and AdamW's two moments, autocast's
-    half-precision weight copies, and the activations of batch_size x block_size tokens."""
-    saved, transient = activation_bytes(mc, act_bytes)
-    return {"weights": 4 * n_params, "grads": 4 * n_params, "optimizer": 8 * n_params,
-            "weight copies": n_params * act_bytes if act_bytes < 4 else 0,
-            "activations": batch_size * block_size * (saved + transient)}
-
-
-def print_memory_estimate(mem, batch_size, block_size, ptdtype, mc, device):
-    gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
-    total = sum(mem.values())
-    parts = " + ".join(f"{k} {gib(v)}" for k, v in mem.items() if v)
-    print(f"memory estimate per device: {parts} = {gib(total)} GiB "
-          f"(micro-batch {batch_size} x {block_size} tokens, {str(ptdtype or torch.float32).removeprefix('torch.')}, "
-          f"grad_checkpoint={mc.grad_checkpoint})")
-    if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(device)
-        if total > free:
-            print(f"warning: the estimate exceeds this GPU's free memory ({gib(free)} GiB): lower batch_size "
-                  "(raise grad_accum to keep tokens per step), block_size, or set grad_checkpoint=True")
-
-
-def peak_flops(device):
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-# ----------------------------------------------------------------------------- checkpoints and logs
-
-def build_model(cfg, meta, ckpt, device="cpu"):
-    """(model args, model): fresh, or with a checkpoint's weights. A checkpoint's architecture wins; the
-    context length, dropout and activation checkpointing are this run's. device="meta" builds the shapes
-    only (dry_run: no memory, no time)."""
-    runtime = dict(vocab_size=meta["vocab_size"], block_size=cfg.block_size, dropout=cfg.dropout,
-                   grad_checkpoint=cfg.grad_checkpoint)
-    if ckpt is None:
-        args = {k: getattr(cfg, k) for k in ARCHITECTURE} | runtime
-    else:
-        if ckpt.get("tokenizer") != meta["tokenizer"] or ckpt["model_args"]["vocab_size"] != meta["vocab_size"]:
-            raise ConfigError(f"the checkpoint was trained with the {ckpt.get('tokenizer')} tokenizer (vocab "
-                              f"{ckpt['model_args']['vocab_size']}) but {cfg.data_dir} holds {meta['tokenizer']} tokens "
-                              f"(vocab {meta['vocab_size']}): prepare the data with --tokenizer {ckpt.get('tokenizer')}")
-        args = ckpt["model_args"] | runtime
-    try:
-        with torch.device(device):
-            model = Forge(ModelConfig(**args))
-    except ValueError as e:  # e.g. n_embd not divisible by n_head
-        raise ConfigError(str(e)) from None
-    if ckpt is not None and device != "meta":
-        model.load_state_dict(ckpt["model"])
-    return args, model
-
-
-class MetricsLog:
-    """One JSON object per line in out_dir/metrics.jsonl (and to wandb when enabled)."""
-
-    def __init__(self, path, resume_iter, wandb_run):
-        self.path, self.wandb = path, wandb_run
-        kept = []
-        if resume_iter is not None and os.path.isfile(path):  # drop what the interrupted run logged past its checkpoint
-            with open(path) as f:
-                kept = [line for line in f if json.loads(line)["iter"] < resume_iter]
-        with open(path, "w") as f:
-            f.writelines(kept)
-
-    def write(self, **record):
-        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb:
-            self.wandb.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])
-
-
-def start_wandb(cfg):
-    if not cfg.wandb_log:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        raise ConfigError("wandb_log=True needs wandb: pip install wandb") from None
-    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=vars(cfg))
-
-
-class StopFlag:
-    """Set by Ctrl-C (SIGINT) or SIGTERM; the loop checks it between iterations, saves ckpt.pt and exits,
-    so no checkpoint ever holds a half-applied optimizer step. A second Ctrl-C quits at once (single
-    process only: torchrun passes every signal on to its workers, who get the terminal's too)."""
-
-    def __init__(self, ddp):
-        self.signum, self.ddp = 0, ddp
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
-
-    def handle(self, signum, frame):
-        if self.signum and not self.ddp:
-            raise KeyboardInterrupt
-        self.signum = signum
+    def poison(module, args, output):
+        if module.training and next(passes) // grad_accum in nan_iters:  # not the evaluation's passes
+            return output[0], output[1] * float("nan")
+    train_model.register_forward_hook(poison)
 
 
 # ----------------------------------------------------------------------------- training
@@ -424,7 +252,8 @@ def estimate_loss(model, splits, cfg, ctx, device, rank, world):
         generator = torch.Generator().manual_seed(cfg.seed + rank)
         total = torch.zeros((), device=device)
         for _ in range(cfg.eval_iters):
-            x, y = to_device(get_batch(tokens, mask, cfg.batch_size, cfg.block_size, generator), device)
+            starts = random_starts(tokens, cfg.batch_size, cfg.block_size, generator)
+            x, y = to_device(get_batch(tokens, mask, starts, cfg.block_size), device)
             with ctx:
                 total += model(x, y)[1].float()
         if world > 1:
@@ -436,22 +265,7 @@ def estimate_loss(model, splits, cfg, ctx, device, rank, world):
 
 def main(argv):
     """Train with the settings in argv (config files, --key=value); return the trained model."""
-    # ---- settings: defaults < (a resumed run's stored config) < config files and --key=value
-    overrides = parse_args(argv)
-    config = DEFAULTS | overrides
-    ckpt_path = os.path.join(config["out_dir"], "ckpt.pt") if config["resume"] else config["init_from"]
-    ckpt = None
-    if ckpt_path:
-        if not os.path.isfile(ckpt_path):
-            raise ConfigError(f"nothing to resume: {ckpt_path} does not exist (drop --resume to start a new run)"
-                              if config["resume"] else f"init_from={ckpt_path}: no checkpoint there (train one first)")
-        _, ckpt = load_checkpoint(ckpt_path)  # validated and on the CPU; build_model rebuilds the model for this run
-        if config["resume"]:
-            if "optimizer" not in ckpt:
-                raise ConfigError(f"{ckpt_path} has no optimizer state: use --init_from={ckpt_path} instead")
-            config = DEFAULTS | {k: v for k, v in ckpt["config"].items() if k in DEFAULTS} | overrides
-    cfg = SimpleNamespace(**config)
-    check_config(cfg)
+    cfg, ckpt = settings(argv)
 
     # ---- device and precision
     if cfg.dry_run:
@@ -459,7 +273,7 @@ def main(argv):
         ptdtype = {"float32": None, "float16": torch.float16}.get(cfg.dtype, torch.bfloat16)  # what a GPU would use
     else:
         device, rank, local_rank, world = setup_device(cfg)
-        ptdtype = choose_dtype(cfg, device.split(":")[0])
+        ptdtype = amp_dtype(device.split(":")[0], cfg.dtype)
     device_type, master = device.split(":")[0], rank == 0
     say = tqdm.write if master else (lambda message: None)
 
@@ -468,14 +282,13 @@ def main(argv):
         say(f"dry run: {cfg.data_dir} is not prepared yet; assuming the GPT-2 tokenizer's vocabulary (50304)")
         meta, splits = {"tokenizer": "gpt2", "vocab_size": 50304}, {}
     else:
-        meta, splits = load_data(cfg.data_dir, need_bins=not cfg.dry_run)
+        meta, splits = load_data(cfg.data_dir, splits=() if cfg.dry_run else ("train", "val"))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model_args, raw_model = build_model(cfg, meta, ckpt, device="meta" if cfg.dry_run else "cpu")
-    config |= {k: model_args[k] for k in ARCHITECTURE}  # the stored config tells the truth about the architecture
     mc, n_params = raw_model.config, raw_model.num_params()
     stages = [stage_at(cfg, it) for it in [0] + [s[0] for s in cfg.seq_curriculum]]
     T_max, B_max = max(stages, key=lambda tb: tb[0] * tb[1])  # the largest micro-batch sets peak memory
-    say(textwrap.fill(" ".join(f"{k}={v!r}" for k, v in config.items()), 110, initial_indent="config: ",
+    say(textwrap.fill(" ".join(f"{k}={v!r}" for k, v in vars(cfg).items()), 110, initial_indent="config: ",
                       subsequent_indent="    ", break_on_hyphens=False))
     say(f"model: {n_params['total'] / 1e6:.2f}M parameters ({n_params['embedding'] / 1e6:.2f}M embedding), "
         f"{mc.n_layer} layers, d={mc.n_embd}, heads {mc.n_head}/{mc.n_kv_head}, ffn {mc.ffn_hidden}, "
@@ -483,8 +296,8 @@ def main(argv):
     say(f"tokens per step: {B_max} micro-batch x {T_max} context x {cfg.grad_accum} accumulation x {world} "
         f"process{'es' if world > 1 else ''} = {B_max * T_max * cfg.grad_accum * world:,}"
         + (" (largest curriculum stage)" if cfg.seq_curriculum else ""))
-    mem = estimate_memory(mc, n_params["total"], B_max, T_max, 2 if ptdtype else 4)
     if master:
+        mem = raw_model.estimate_memory(B_max, T_max, 2 if ptdtype else 4)
         print_memory_estimate(mem, B_max, T_max, ptdtype, mc, device)
     if cfg.dry_run:
         return raw_model
@@ -493,8 +306,8 @@ def main(argv):
     train_tokens, train_mask = splits["train"]
     for split, (tokens, _) in splits.items():
         if len(tokens) <= max(cfg.block_size, T_max):
-            raise ConfigError(f"{split}.bin holds {len(tokens)} tokens, too few for block_size={cfg.block_size}: "
-                              "lower block_size or prepare more data")
+            raise UserError(f"{split}.bin holds {len(tokens)} tokens, too few for block_size={cfg.block_size}: "
+                            "lower block_size or prepare more data")
     say(f"device: {device}{f' ({torch.cuda.get_device_name(device)})' if device_type == 'cuda' else ''}, "
         f"{'autocast ' + str(ptdtype).removeprefix('torch.') if ptdtype else 'float32'}, compile "
         f"{'on' if use_compile else 'off'}; data: {len(train_tokens):,} train / {len(splits['val'][0]):,} val tokens"
@@ -510,9 +323,9 @@ def main(argv):
         if ckpt["scaler"] and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        say(f"resuming {ckpt_path} at iteration {iter_num}")
+        say(f"resuming {os.path.join(cfg.out_dir, 'ckpt.pt')} at iteration {iter_num}")
     elif ckpt is not None:
-        say(f"initialized from {ckpt_path} (trained {ckpt.get('iter_num', '?')} iterations); fresh optimizer")
+        say(f"initialized from {cfg.init_from} (trained {ckpt.get('iter_num', '?')} iterations); fresh optimizer")
     elif master and os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt")):
         say(f"warning: new run in {cfg.out_dir}: its ckpt.pt will be overwritten (--resume continues it instead)")
     del ckpt
@@ -522,17 +335,19 @@ def main(argv):
         torch.backends.cudnn.allow_tf32 = True
     ctx = autocast(device_type, ptdtype)
     T, B = stage_at(cfg, iter_num)
+
+    def next_batch():  # B random windows of T tokens (the current curriculum stage), on the device
+        return to_device(get_batch(train_tokens, train_mask, random_starts(train_tokens, B, T), T), device)
     t0 = time.perf_counter()
-    model = compile_model(raw_model, to_device(get_batch(train_tokens, train_mask, B, T), device), ctx) \
-        if use_compile else raw_model
+    model = compile_model(raw_model, next_batch(), ctx) if use_compile else raw_model
     compile_time, use_compile = time.perf_counter() - t0, model is not raw_model
     train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None,
                       gradient_as_bucket_view=True) if world > 1 else model
-    nan_iters = {int(i) for i in os.environ.get(NAN_ITERS_ENV, "").split(",") if i.strip()}
+    add_nan_hook(train_model, iter_num, cfg.grad_accum)
 
     def save(name):
         save_checkpoint({"model": raw_model.state_dict(), "model_args": model_args, "tokenizer": meta["tokenizer"],
-                         "config": config, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                         "config": vars(cfg), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                          "iter_num": iter_num, "best_val_loss": best_val_loss,
                          # for the record only: every iteration reseeds from (seed, rank, iteration), see the loop
                          "rng": {"cpu": torch.get_rng_state(),
@@ -541,7 +356,8 @@ def main(argv):
 
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), iter_num if cfg.resume else None, start_wandb(cfg))
+        wandb_run = start_wandb(cfg.wandb_project, cfg.wandb_run_name, vars(cfg)) if cfg.wandb_log else None
+        log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), iter_num if cfg.resume else None, wandb_run)
     stop = StopFlag(ddp=world > 1)
     flops = peak_flops(device)
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, unit="it", dynamic_ncols=True)
@@ -580,13 +396,11 @@ def main(argv):
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         for micro_step in range(cfg.grad_accum):
-            x, y = to_device(get_batch(train_tokens, train_mask, B, T), device)
+            x, y = next_batch()
             last = micro_step == cfg.grad_accum - 1  # DDP all-reduces the gradients only after the last one
             with contextlib.nullcontext() if world == 1 or last else train_model.no_sync():
                 with ctx:
                     loss = train_model(x, y)[1] / cfg.grad_accum  # [1]: drop the logits before backward
-                if iter_num in nan_iters:
-                    loss = loss * float("nan")
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
         # Summed over ranks: the loss (a NaN anywhere is seen everywhere) and the stop requests, so that
@@ -615,7 +429,7 @@ def main(argv):
                                 "learning_rate, set grad_clip or use dtype=bfloat16/float32, then --resume")
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0  # .item() above waited for the GPU
+        dt = time.perf_counter() - t0  # .tolist() above waited for the GPU
         step_tokens = B * T * cfg.grad_accum * world
         train_time, tokens_seen = train_time + dt, tokens_seen + step_tokens
         # log the step by its index (iteration iter_num took the model from iter_num to iter_num + 1 updates)
@@ -652,8 +466,6 @@ def main(argv):
 
 if __name__ == "__main__":
     try:
-        main(sys.argv[1:])
-    except (ConfigError, CheckpointError) as e:
-        sys.exit(f"train.py: error: {e}")
+        run_main(main, sys.argv[1:])
     except KeyboardInterrupt:
         sys.exit("train.py: interrupted twice: stopped without saving (the last ckpt.pt is intact)")

@@ -2,7 +2,7 @@
 # dataset.json of [{"question": "Hello!", "answer": "Hi! How can I help you today?"}, ...]. Byte
 # tokenizer (a GPT-2 vocabulary would be most of the model) and strong dropout: a few thousand pairs
 # are memorized fast. CPU is fine; a GPU is quicker.
-#   needs: python prepare.py dataset.json --tokenizer byte --out data/aether
+#   needs: python prepare.py dataset.json --tokenizer byte --out_dir data/aether
 #   run:   python train.py config/aether_qa.py
 out_dir = "out-aether"
 data_dir = "data/aether"

@@ -1,6 +1,6 @@
 # Cogni, high performance (16 layers, d=1280, 20/5 heads, 1024 context) for 12 GB GPUs, on TinyStories.
 # 4 x 1024 tokens x 8 accumulation = 32k tokens per step, with activation checkpointing.
-#   needs: python prepare.py tinystories --out data/tinystories
+#   needs: python prepare.py tinystories --out_dir data/tinystories
 #   run:   python train.py config/cogni_12gb.py
 out_dir = "out-cogni"
 data_dir = "data/tinystories"

@@ -1,6 +1,6 @@
 # Cogni, minimal (8 layers, d=768, 12/3 heads, 256 context) for 4 GB GPUs, on TinyStories.
 # 2 x 256 tokens x 16 accumulation = 8k tokens per step.
-#   needs: python prepare.py tinystories --out data/tinystories
+#   needs: python prepare.py tinystories --out_dir data/tinystories
 #   run:   python train.py config/cogni_4gb.py
 out_dir = "out-cogni"
 data_dir = "data/tinystories"

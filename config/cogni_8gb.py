@@ -1,6 +1,6 @@
 # Cogni 168M-class (12 layers, d=1024, 16/4 heads, 512 context) for 6-8 GB GPUs, on TinyStories.
 # 4 x 512 tokens x 8 accumulation = 16k tokens per step.
-#   needs: python prepare.py tinystories --out data/tinystories
+#   needs: python prepare.py tinystories --out_dir data/tinystories
 #   run:   python train.py config/cogni_8gb.py
 out_dir = "out-cogni"
 data_dir = "data/tinystories"

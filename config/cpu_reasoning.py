@@ -1,6 +1,6 @@
 # The embedded demo, spelled out: exactly train.py's defaults. A 3M-parameter Forge learns the built-in
-# reasoning tasks (arithmetic, sorting, counting, word problems, with step-by-step thinking) in about
-# 8 minutes on a 2-core CPU with native bf16 (~17 without); faster on any GPU.
+# reasoning tasks (arithmetic, sorting, counting, word problems, with step-by-step thinking) in minutes
+# on a 2-core CPU (faster with native bf16), and faster still on any GPU.
 #   needs: python prepare.py                      (data/reasoning, byte tokenizer, offline, seconds)
 #   run:   python train.py config/cpu_reasoning.py
 out_dir = "out"

@@ -1,6 +1,6 @@
 # Yxanul 177M at its full 4096-token context on 8 H100s (or A100 80GB): one process per GPU via torchrun.
 # 8 x 4096 tokens x 8 GPUs = 262k tokens per step; bf16 and torch.compile are chosen automatically.
-#   needs: python prepare.py fineweb-edu --out data/fineweb     (the whole sample-10BT: ~10B tokens)
+#   needs: python prepare.py fineweb-edu --out_dir data/fineweb     (the whole sample-10BT: ~10B tokens)
 #   run:   torchrun --standalone --nproc_per_node=8 train.py config/h100_ddp.py
 #   multi-node: torchrun --nnodes=N --node_rank=I --master_addr=HOST --master_port=29500 --nproc_per_node=8 ...
 #   (out_dir and data_dir must be on a filesystem every node sees)

@@ -1,6 +1,6 @@
 # Forge-1 Mini (24 layers, d=1024, 16/4 heads, 2048 context, 322M parameters) on a 15 GB Colab T4.
 # The T4 has no bfloat16: fp16 autocast with a GradScaler. 2 x 2048 tokens x 16 accumulation = 64k tokens per step.
-#   needs: python prepare.py openhermes platypus openthoughts --max-samples 300000 --out data/forge
+#   needs: python prepare.py openhermes platypus openthoughts --max_samples 300000 --out_dir data/forge
 #   run:   python train.py config/mini_t4.py
 out_dir = "out-mini"
 data_dir = "data/forge"

@@ -1,6 +1,6 @@
 # Forge-1 Nano (12 layers, d=768, 12/4 heads, 114M parameters) on a 4 GB RTX 3050 Ti / GTX 1650:
 # micro-batch 2 x 1024 tokens with activation checkpointing, 8 accumulation steps (16k tokens per step).
-#   needs: python prepare.py openhermes platypus openthoughts --max-samples 100000 --out data/forge
+#   needs: python prepare.py openhermes platypus openthoughts --max_samples 100000 --out_dir data/forge
 #   run:   python train.py config/nano_3050ti.py
 # Out of memory? --batch_size=1 --grad_accum=16 keeps the tokens per step.
 out_dir = "out-nano"

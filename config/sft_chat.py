@@ -2,7 +2,7 @@
 # weights (and architecture) with a fresh optimizer; the loss covers only the assistant's turns (the
 # masks prepare.py writes for chat data). A lower learning rate, a short warmup, fewer iterations.
 #   needs: a stage-one checkpoint, e.g. python train.py config/nano_3050ti.py --data_dir=data/fineweb
-#          python prepare.py openthoughts gsm8k openhermes --max-samples 50000 --out data/sft
+#          python prepare.py openthoughts gsm8k openhermes --max_samples 50000 --out_dir data/sft
 #   run:   python train.py config/sft_chat.py --init_from=out-nano/best.pt
 # Micro-batch and checkpointing below fit a 4 GB card with Nano; raise batch_size on bigger GPUs.
 init_from = "out-nano/best.pt"

@@ -1,7 +1,7 @@
 # Yxanul 177M (28 layers, d=768, 12/2 heads, factorized embedding r=128) on a 24 GB RTX 4090, bf16.
 # Sequence-length curriculum of the Yxanul design: short windows first, 512 -> 2048 tokens, with the
 # micro-batch shrinking to keep memory flat; 8 accumulation steps.
-#   needs: python prepare.py fineweb-edu --max-samples 2000000 --out data/fineweb
+#   needs: python prepare.py fineweb-edu --max_samples 2000000 --out_dir data/fineweb
 #   run:   python train.py config/yxanul_4090.py
 # (The full 4096-token context is trained on 8 GPUs: config/h100_ddp.py.)
 out_dir = "out-yxanul"

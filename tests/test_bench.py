@@ -2,15 +2,12 @@
 machines are noisy), its peer computes what we compute, and bad flags get a one-line error."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
 import bench
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import run_main
+from conftest import run_script
 
 
 def numbers(tree):
@@ -24,10 +21,9 @@ def numbers(tree):
 
 def test_quick_run_reports_finite_positive_numbers(tmp_path):
     out = tmp_path / "bench.json"
-    env = {**os.environ, "NANOFORGE_GPT2_RANKS": ""}  # byte tokenizer only: no ranks file needed
-    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    env = {"NANOFORGE_GPT2_RANKS": ""}  # byte tokenizer only: no ranks file needed
+    rc, stdout, err = run_script("bench.py", "--quick", "--json", out, env=env, timeout=900)
+    assert rc == 0, err[-2000:]
     results = json.loads(out.read_text())
     assert set(bench.SECTIONS) <= results.keys()
     for section in ("peak", "train", "generate", "data"):
@@ -41,7 +37,7 @@ def test_quick_run_reports_finite_positive_numbers(tmp_path):
     assert any(r["unit"] == "tokens" and "prepare.py" in r["what"] for r in results["data"])
     assert all(r["vs training step"] > 0 for r in results["data"] if r["unit"] == "batches")
     assert "skipped" in results["memory"]  # CUDA only
-    assert "### train" in proc.stdout and "ours/peer" in proc.stdout  # the readable table
+    assert "### train" in stdout and "ours/peer" in stdout  # the readable table
 
 
 def test_race_alternates_and_takes_medians(monkeypatch):
@@ -72,21 +68,24 @@ def test_the_peer_is_the_same_model():
     (["--lengths", "256,big"], "--lengths takes comma-separated integers"),
     (["--reps", "0"], "--reps must be at least 1"),
     (["--dtype", "float16", "--device", "cpu"], "float16 is not native on this cpu"),
-    (["--lengths", "16", "--new-tokens", "32"], "must exceed --new-tokens"),
+    (["--lengths", "16", "--new_tokens", "32"], "must exceed --new_tokens"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
 ])
 def test_bad_flags_get_one_line_errors(argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(argv)
+        run_main(bench.main, argv)
     text = str(exit_info.value.code)
     assert text.startswith("bench.py: error:") and message in text and "\n" not in text
 
 
 def test_a_preset_trains_as_train_py_runs_it(tmp_path):
-    """The memory section's step on CPU (its peak is CUDA only): a config file with a curriculum is run
-    at every micro-batch shape it trains at."""
+    """The memory section's runs on CPU (its peak is CUDA only): train.py trains a config file with a
+    curriculum at every micro-batch shape it trains at, and reports the settings it ran with."""
     config = tmp_path / "small.py"
     config.write_text("n_layer = 1\nn_head = 2\nn_kv_head = 1\nn_embd = 32\nblock_size = 64\nbatch_size = 2\n"
                       "dtype = 'float32'\ncompile = False\nseq_curriculum = [(10, 16, 4), (100, 32, 3)]\n")
     shapes, cfg, ptdtype = bench.preset_memory(str(config), "cpu")
     assert [s[:2] for s in shapes] == [(4, 16), (3, 32), (2, 64)] and ptdtype is None
-    assert all(s[2] is None for s in shapes) and cfg.n_embd == 32
+    assert all(s[2] is None for s in shapes) and cfg["n_embd"] == 32
+    assert cfg["seq_curriculum"] == [(10, 16, 4), (100, 32, 3)]  # the preset's settings, as train.py ran them
+    assert cfg["max_iters"] == 2 and cfg["device"] == "cpu"  # in a short run on the requested device

@@ -1,53 +1,25 @@
 """chat.py: a scripted session through a real subprocess with piped stdin, the reply display against
-exact expected output (a scripted model), Ctrl-C, and which part of a long conversation the model sees."""
+exact expected output (a scripted model), Ctrl-C, and the notes when a conversation outgrows the context.
+Which part of a long conversation the model sees (tokenizer.fit_to_window) is tested in test_tokenizer.py."""
 import io
 import json
-from types import SimpleNamespace
 
 import pytest
 
-from chat import Chat, fit_to_window
-from test_sample import make_checkpoint, run_script
-from tokenizer import get_tokenizer, render_prompt
+from chat import Chat
+from conftest import BYTE, SP, ScriptedModel, run_script, text_ids
 
-ENC = get_tokenizer("byte")
-SP = {t: ENC.encode_single_token(t) for t in ENC.special_tokens_set}
 GREEDY = dict(max_new_tokens=100, temperature=0.0, top_k=None, top_p=None)
-
-
-class ScriptedModel:
-    """Stands in for Forge: generate() replays a fixed list of token ids and, like Forge.generate, yields a
-    stop id and then stops. With interrupt_after=k it raises KeyboardInterrupt after k tokens (a Ctrl-C)."""
-
-    def __init__(self, script, block_size=256, interrupt_after=None):
-        self.script, self.interrupt_after = script, interrupt_after
-        self.config = SimpleNamespace(block_size=block_size)
-        self.prompts = []
-
-    def generate(self, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(), generator=None):
-        self.prompts.append(list(prompt))
-        for i, token_id in enumerate(self.script(prompt) if callable(self.script) else self.script):
-            if i == max_new_tokens:
-                return
-            if i == self.interrupt_after:
-                raise KeyboardInterrupt
-            yield token_id
-            if token_id in stop_ids:
-                return
-
-
-def text(s):
-    return ENC.encode_ordinary(s)
 
 
 def new_chat(model, **kwargs):
     out = io.StringIO()
-    chat = Chat(model, ENC, sampling=GREEDY, generator=None, out=out, **kwargs)
+    chat = Chat(model, BYTE, sampling=GREEDY, generator=None, out=out, **kwargs)
     return chat, out
 
 
 THINKING = "12+30: 2+0=2, 1+3=4"
-THINKING_REPLY = text(THINKING) + [SP["<|/think|>"], SP["<|assistant|>"]] + text("42") + [SP["<|/assistant|>"]]
+THINKING_REPLY = text_ids(THINKING) + [SP["<|/think|>"], SP["<|assistant|>"]] + text_ids("42") + [SP["<|/assistant|>"]]
 
 
 def test_thinking_is_summarized_and_the_answer_streams():
@@ -55,7 +27,7 @@ def test_thinking_is_summarized_and_the_answer_streams():
     chat, out = new_chat(model, reasoning="on")
     chat.handle("What is 12+30?")
     assert model.prompts[0][-1] == SP["<|think|>"]  # reasoning on: the prompt opens the think block
-    assert out.getvalue() == f"(thought for {len(text(THINKING))} tokens)\n42\n"
+    assert out.getvalue() == f"(thought for {len(text_ids(THINKING))} tokens)\n42\n"
     assert chat.turns[-1] == {"role": "assistant", "content": "42", "thinking": THINKING}
 
 
@@ -72,7 +44,7 @@ def test_ansi_dims_thinking_only_on_a_terminal():
 
 
 def test_reply_stops_at_a_fake_user_turn_and_never_prints_special_tokens():
-    script = [SP["<|no_think|>"], SP["<|assistant|>"]] + text("Hi!") + [SP["<|user|>"]] + text("fake turn")
+    script = [SP["<|no_think|>"], SP["<|assistant|>"]] + text_ids("Hi!") + [SP["<|user|>"]] + text_ids("fake turn")
     chat, out = new_chat(ScriptedModel(script))  # reasoning auto: the model chooses <|no_think|>
     chat.handle("Hello")
     assert out.getvalue() == "Hi!\n"
@@ -80,7 +52,7 @@ def test_reply_stops_at_a_fake_user_turn_and_never_prints_special_tokens():
 
 
 def test_a_reply_ending_in_a_stray_end_of_user_token_keeps_its_answer():
-    script = [SP["<|no_think|>"], SP["<|assistant|>"]] + text("Hi!") + [SP["<|/user|>"]]
+    script = [SP["<|no_think|>"], SP["<|assistant|>"]] + text_ids("Hi!") + [SP["<|/user|>"]]
     chat, out = new_chat(ScriptedModel(script))
     chat.handle("Hello")
     assert out.getvalue() == "Hi!\n"
@@ -88,7 +60,7 @@ def test_a_reply_ending_in_a_stray_end_of_user_token_keeps_its_answer():
 
 
 def test_ctrl_c_stops_the_reply_and_keeps_the_chat():
-    model = ScriptedModel([SP["<|no_think|>"], SP["<|assistant|>"]] + text("Hello there") + [SP["<|/assistant|>"]],
+    model = ScriptedModel([SP["<|no_think|>"], SP["<|assistant|>"]] + text_ids("Hello there") + [SP["<|/assistant|>"]],
                           interrupt_after=5)
     chat, out = new_chat(model)
     chat.handle("Hi")
@@ -109,44 +81,13 @@ def test_commands():
     assert chat.handle("/quit") is False and chat.handle("exit") is False and chat.handle("quit") is False
 
 
-def exchange(i):
-    return [{"role": "user", "content": f"question {i} " + "x" * 30},
-            {"role": "assistant", "content": f"answer {i}", "thinking": "step " * 5}]
-
-
-def test_fit_to_window_drops_oldest_turns_and_keeps_the_system_prompt():
-    system = {"role": "system", "content": "You are Forge."}
-    messages = [system] + sum((exchange(i) for i in range(10)), []) + [{"role": "user", "content": "last one?"}]
-    budget = 300
-    window, dropped, cut = fit_to_window(messages, ENC, "auto", budget)
-    assert dropped and not cut
-    assert window[0] == system and window[-1] == messages[-1]
-    assert window[1:] == messages[len(messages) - len(window) + 1:]  # the newest turns, whole exchanges
-    assert window[1]["role"] == "user"
-    assert len(render_prompt(window, ENC, "auto")) <= budget
-    one_more = [system] + messages[len(messages) - len(window) - 1:]
-    assert len(render_prompt(one_more, ENC, "auto")) > budget  # as much history as fits
-    short = messages[:4] + messages[-1:]
-    assert fit_to_window(short, ENC, "auto", budget) == (short, False, False)  # what fits is left alone
-
-
-def test_fit_to_window_keeps_the_end_of_a_message_too_long_for_the_context():
-    system = {"role": "system", "content": "You are Forge."}
-    long = "é" * 50_000 + " so what is 2+2?"  # 2-byte characters: the cut must not split one
-    window, dropped, cut = fit_to_window([system, {"role": "user", "content": long}], ENC, "on", 200)
-    assert cut and not dropped and window[0] == system
-    assert window[1]["content"].endswith(" so what is 2+2?") and long.endswith(window[1]["content"])
-    assert len(render_prompt(window, ENC, "on")) <= 200
-
-
-def test_scripted_session_through_a_pipe(tmp_path):
-    ckpt = make_checkpoint(tmp_path / "tiny.pt", block_size=128)
+def test_scripted_session_through_a_pipe(tiny_ckpt, tmp_path):
     saved, cleared, never = tmp_path / "t.json", tmp_path / "cleared.json", tmp_path / "never.json"
     lines = [b"/help", b"", b"/reason on", b"What is 12+30?", b"/reason off", b"Hello there",
              b"/reason auto", b"\xff\xfe\xc3 invalid utf-8 \xe2\x82", "x".encode() * 100_000, b"/bogus",
              b"/think", b"/history", f"/save {saved}".encode(), b"/clear", f"/save {cleared}".encode()]
     stdin = b"\n".join(lines) + b"\n"  # ends without /quit: EOF (Ctrl-D) must end the chat cleanly
-    rc, out, err = run_script("chat.py", "--ckpt", ckpt, "--system", "You are Forge.", "--max_new_tokens", 24,
+    rc, out, err = run_script("chat.py", "--ckpt", tiny_ckpt, "--system", "You are Forge.", "--max_new_tokens", 24,
                               "--device", "cpu", stdin=stdin)
     assert rc == 0, err
     assert "Traceback" not in err
@@ -166,13 +107,18 @@ def test_scripted_session_through_a_pipe(tmp_path):
     assert messages[7]["content"] == "x" * 100_000  # the transcript keeps everything the user typed
     assert json.loads(cleared.read_text(encoding="utf-8"))["messages"] == [messages[0]]
 
-    rc, out, err = run_script("chat.py", "--ckpt", ckpt, stdin=f"/quit\n/save {never}\n".encode())
+    rc, out, err = run_script("chat.py", "--ckpt", tiny_ckpt, stdin=f"/quit\n/save {never}\n".encode())
     assert rc == 0 and not never.exists()
 
 
 @pytest.mark.parametrize("args, message", [(["--temperature", "-1"], "--temperature"),
                                            (["--system", "y" * 5000], "shorten --system")])
-def test_bad_flags_are_one_line_errors(tmp_path, args, message):
-    ckpt = make_checkpoint(tmp_path / "tiny.pt", block_size=128)
-    rc, _, err = run_script("chat.py", "--ckpt", ckpt, *args)
+def test_bad_flags_are_one_line_errors(tiny_ckpt, args, message):
+    rc, _, err = run_script("chat.py", "--ckpt", tiny_ckpt, *args)
     assert rc != 0 and message in err and err.strip().count("\n") == 0
+    assert err.startswith("chat.py: error: ")
+
+
+def test_show_thinking_has_one_spelling(tiny_ckpt):
+    rc, _, err = run_script("chat.py", "--ckpt", tiny_ckpt, "--show-thinking", stdin=b"/quit\n")
+    assert rc == 2 and "unrecognized arguments: --show-thinking" in err

@@ -1,5 +1,6 @@
-"""eval.py: the answer checkers, GSM8K parsing, the val loss against a naive per-token reference, the
-reasoning score with a scripted oracle, and eval.py end to end on a checkpoint trained by train.py."""
+"""eval.py: the answer checkers (tasks.check_answer), GSM8K parsing (common.read_gsm8k), the val loss against a
+naive per-token reference, the reasoning score with a scripted oracle, and eval.py end to end on a checkpoint
+trained by train.py."""
 import json
 import math
 
@@ -8,20 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval import final_number, gsm8k_items, is_correct, reasoning_score, summarize, val_loss
-from model import Forge, ModelConfig
-from prepare import TASKS, heldout_items
-from test_chat import ENC, SP, ScriptedModel, text
-from test_sample import run_script
+from common import UserError, load_data, read_gsm8k
+from conftest import BYTE, SP, ScriptedModel, run_script, text_ids, tiny_model
+from eval import reasoning_score, summarize, val_loss
+from tasks import TASKS, check_answer, final_number, heldout_items
 
 
 def test_checker_scores_right_answers_1_and_wrong_answers_0():
-    assert is_correct("add", "734", "734") and is_correct("sort", " 1, 2, 5, 8, 9. ", "1, 2, 5, 8, 9")
-    assert not is_correct("add", "735", "734") and not is_correct("sort", "1, 2, 5, 9, 8", "1, 2, 5, 8, 9")
-    assert not is_correct("count", "", "3")
-    assert is_correct("gsm8k", "So she has 1,250 dollars.", "1250")
-    assert is_correct("gsm8k", "18.00", "18") and is_correct("gsm8k", "-4", "-4")
-    assert not is_correct("gsm8k", "72 then 70", "72") and not is_correct("gsm8k", "no idea", "72")
+    assert check_answer("add", "734", "734") and check_answer("sort", " 1, 2, 5, 8, 9. ", "1, 2, 5, 8, 9")
+    assert not check_answer("add", "735", "734") and not check_answer("sort", "1, 2, 5, 9, 8", "1, 2, 5, 8, 9")
+    assert not check_answer("count", "", "3")
+    assert check_answer("gsm8k", "So she has 1,250 dollars.", "1250")
+    assert check_answer("gsm8k", "18.00", "18") and check_answer("gsm8k", "-4", "-4")
+    assert not check_answer("gsm8k", "72 then 70", "72") and not check_answer("gsm8k", "no idea", "72")
     assert final_number("He ran 2.5 hours at 60 mph: 150 miles") == "150"
 
 
@@ -33,24 +33,25 @@ def test_gsm8k_file_in_the_real_schema(tmp_path):
                           "clips altogether in April and May.\n#### 72"},
                {"question": "What is 1000 + 234?", "answer": "#### 1,234"}]
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n", encoding="utf-8")
-    items = gsm8k_items(str(path))
+    items = read_gsm8k(str(path))
     assert [(task, answer) for task, _, answer in items] == [("gsm8k", "72"), ("gsm8k", "1,234")]
     assert items[0][1] == [{"role": "user", "content": records[0]["question"]}]
-    assert len(gsm8k_items(str(path), limit=1)) == 1
+    assert len(read_gsm8k(str(path), limit=1)) == 1
 
     path.write_text('{"question": "no answer here"}\n', encoding="utf-8")
-    with pytest.raises(SystemExit, match=r"gsm8k.jsonl:1 is not a GSM8K record"):
-        gsm8k_items(str(path))
+    with pytest.raises(UserError, match=r"gsm8k.jsonl:1 is not a GSM8K record"):
+        read_gsm8k(str(path))
 
 
 def test_val_loss_matches_a_per_token_reference(tmp_path):
-    torch.manual_seed(0)
-    model = Forge(ModelConfig(vocab_size=320, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=32)).eval()
+    model = tiny_model(block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=32)
     rng = np.random.default_rng(0)
     data, mask = rng.integers(0, 268, 150).astype(np.uint16), rng.integers(0, 2, 150).astype(np.uint8)
     data.tofile(tmp_path / "val.bin")
     mask.tofile(tmp_path / "val_mask.bin")
-    loss, n = val_loss(model, str(tmp_path), batch_size=3, max_tokens=10**6)
+    (tmp_path / "meta.json").write_text(json.dumps({"tokenizer": "byte", "vocab_size": 320}), encoding="utf-8")
+    _, bins = load_data(str(tmp_path), splits=("val",))
+    loss, n = val_loss(model, *bins["val"], batch_size=3, max_tokens=10**6)
 
     losses = []  # reference: every window of 16 tokens, each masked-in target on its own
     with torch.no_grad():
@@ -65,11 +66,12 @@ def test_val_loss_matches_a_per_token_reference(tmp_path):
 
 def oracle(prompt):
     """Answers correctly after thinking, wrongly without: what the reasoning score must reveal."""
-    question = ENC.decode(prompt[prompt.index(SP["<|user|>"]) + 1:prompt.index(SP["<|/user|>"])])
+    question = BYTE.decode(prompt[prompt.index(SP["<|user|>"]) + 1:prompt.index(SP["<|/user|>"])])
     answer = ANSWERS[question]
     if prompt[-1] == SP["<|think|>"]:
-        return text("step by step") + [SP["<|/think|>"], SP["<|assistant|>"]] + text(answer) + [SP["<|/assistant|>"]]
-    return text(answer + "7") + [SP["<|/assistant|>"]]
+        thinking = text_ids("step by step") + [SP["<|/think|>"], SP["<|assistant|>"]]
+        return thinking + text_ids(answer) + [SP["<|/assistant|>"]]
+    return text_ids(answer + "7") + [SP["<|/assistant|>"]]
 
 
 ITEMS = list(heldout_items(2 * len(TASKS)))
@@ -78,29 +80,27 @@ ANSWERS = {messages[-1]["content"]: answer for _, messages, answer in ITEMS}
 
 def test_reasoning_score_shows_what_thinking_buys():
     greedy = dict(max_new_tokens=50, temperature=0.0, top_k=None, top_p=None)
-    tally = reasoning_score(ScriptedModel(oracle), ENC, ITEMS, greedy, None, progress=False)
+    tally = reasoning_score(ScriptedModel(oracle), BYTE, ITEMS, greedy, None, progress=False)
     summary = summarize(tally)
     assert list(summary) == TASKS + ["all"]
     for task in TASKS:
         assert summary[task]["on"]["n"] == 2 and summary[task]["on"]["accuracy"] == 1.0
         assert summary[task]["off"]["accuracy"] == 0.0
-        assert summary[task]["on"]["mean_thinking_tokens"] == len(text("step by step"))
+        assert summary[task]["on"]["mean_thinking_tokens"] == len(text_ids("step by step"))
         assert summary[task]["off"]["mean_thinking_tokens"] == 0 and summary[task]["on"]["cut_off"] == 0
     assert summary["all"]["on"]["n"] == 2 * len(TASKS) and summary["all"]["on"]["accuracy"] == 1.0
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory):
-    """prepare.py and a few seconds of train.py on the built-in data: a real checkpoint to evaluate."""
-    root = tmp_path_factory.mktemp("e2e")
-    rc, _, err = run_script("prepare.py", "--max-samples", 2000, "--out", root / "data", "--num-proc", 1)
-    assert rc == 0, err
-    rc, _, err = run_script("train.py", f"--out_dir={root / 'out'}", f"--data_dir={root / 'data'}", "--n_layer=1",
+def trained_run(tmp_path_factory, reasoning_data):
+    """A few seconds of train.py on the built-in data: a real checkpoint to evaluate -> (out_dir, data_dir)."""
+    out = tmp_path_factory.mktemp("e2e") / "out"
+    rc, _, err = run_script("train.py", f"--out_dir={out}", f"--data_dir={reasoning_data}", "--n_layer=1",
                             "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--block_size=64", "--batch_size=8",
                             "--max_iters=10", "--eval_interval=10", "--eval_iters=4", "--compile=False",
                             "--device=cpu", "--dtype=float32", timeout=300)
     assert rc == 0, err
-    return root
+    return out, reasoning_data
 
 
 def test_eval_end_to_end_writes_the_json_report(trained_run, tmp_path):
@@ -108,13 +108,14 @@ def test_eval_end_to_end_writes_the_json_report(trained_run, tmp_path):
     gsm8k.write_text(json.dumps({"question": "What is 2 + 3?", "answer": "2+3=5\n#### 5"}) + "\n", encoding="utf-8")
     report_path = tmp_path / "report.json"
     # No --data: the val set is the one the checkpoint was trained on (its config's data_dir).
-    rc, out, err = run_script("eval.py", "--out_dir", trained_run / "out", "--items", 1, "--max_new_tokens", 32,
+    out_dir, data_dir = trained_run
+    rc, out, err = run_script("eval.py", "--out_dir", out_dir, "--items", 1, "--max_new_tokens", 32,
                               "--gsm8k", gsm8k, "--json", report_path, "--device", "cpu", "--dtype", "float32")
     assert rc == 0, err
     report = json.loads(report_path.read_text(encoding="utf-8"))
-    ckpt = torch.load(trained_run / "out" / "best.pt", weights_only=True)
+    ckpt = torch.load(out_dir / "best.pt", weights_only=True)
     assert report["checkpoint"].endswith("best.pt") and report["iter_num"] == ckpt["iter_num"]
-    assert report["val"]["data"] == str(trained_run / "data")
+    assert report["val"]["data"] == data_dir
     # The same model on the same val set: eval.py's full pass agrees with train.py's sampled estimate.
     assert math.isfinite(report["val"]["loss"])
     assert report["val"]["loss"] == pytest.approx(ckpt["best_val_loss"], abs=0.2)
@@ -136,5 +137,8 @@ def test_eval_end_to_end_writes_the_json_report(trained_run, tmp_path):
 
 
 def test_eval_errors_are_one_line(trained_run, tmp_path):
-    rc, _, err = run_script("eval.py", "--out_dir", trained_run / "out", "--data", tmp_path / "nothing")
+    rc, _, err = run_script("eval.py", "--out_dir", trained_run[0], "--data", tmp_path / "nothing")
     assert rc != 0 and "no val.bin" in err and err.strip().count("\n") == 0
+    assert err.startswith("eval.py: error: ")
+    rc, _, err = run_script("eval.py", "--items", -1)
+    assert rc == 1 and err.strip() == "eval.py: error: --items must be >= 0, --val_tokens and --batch_size >= 1"

@@ -1,11 +1,8 @@
 """export.py against references: the hf export loaded by transformers' LlamaForCausalLM gives our logits
 and our greedy tokens, its tokenizer.json gives tiktoken's ids and its chat template our chat format,
 and the pt / safetensors exports load back to the very same model."""
-import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import jinja2
 import pytest
@@ -14,12 +11,11 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import export
-from model import Forge, ModelConfig, load_checkpoint, save_checkpoint
-from tokenizer import GPT2_RANKS_ENV, get_tokenizer, padded_vocab_size, render_conversation, render_prompt
+from common import load_checkpoint
+from conftest import BYTE, ROOT, needs_gpt2_ranks, run_script, tiny_model, write_checkpoint
+from tokenizer import get_tokenizer, render_conversation, render_prompt
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZERS = ["byte", pytest.param("gpt2", marks=pytest.mark.skipif(
-    not os.environ.get(GPT2_RANKS_ENV), reason=f"needs the GPT-2 ranks: set {GPT2_RANKS_ENV} to a gpt2.tiktoken file"))]
+TOKENIZERS = ["byte", pytest.param("gpt2", marks=needs_gpt2_ranks)]
 
 MIXED = ("Hello, World! It's 3.14159 -- we'll SEE what they'RE doing. Ça va? naïve café, Größe, ¿qué? "
          "日本語のテキスト, русский текст 😀👍🏽🦙 x=42; y = x**2  # comment\n\n"
@@ -30,28 +26,6 @@ CHAT = [{"role": "system", "content": "You are terse."},
         {"role": "assistant", "thinking": "17 * 3 = 51, déjà vu 🤔", "content": "51"},
         {"role": "user", "content": "Merci! And 2+2?"},
         {"role": "assistant", "content": "4 ✅"}]
-
-
-def random_model(seed=0, **overrides):
-    """A tiny Forge with every weight random (norms too), large enough that logits are well separated."""
-    args = dict(vocab_size=padded_vocab_size(get_tokenizer("byte")), block_size=64, n_layer=2, n_head=4,
-                n_kv_head=2, n_embd=64)
-    args.update(overrides)
-    torch.manual_seed(seed)
-    model = Forge(ModelConfig(**args)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.uniform_(0.5, 1.5) if p.dim() == 1 else p.normal_(0.0, 0.2)
-    return model
-
-
-def write_checkpoint(model, path, tokenizer="byte"):
-    """What train.py saves, optimizer and resume state included."""
-    optimizer = torch.optim.AdamW(model.parameters())
-    save_checkpoint({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
-                     "tokenizer": tokenizer, "config": {"learning_rate": 1e-3}, "optimizer": optimizer.state_dict(),
-                     "iter_num": 7, "best_val_loss": 1.5}, path)
-    return path
 
 
 def full_logits(model, idx):
@@ -72,8 +46,8 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_hf_export_matches_ours_in_transformers(name, tmp_path):
-    model = random_model(**CONFIGS[name])
-    export.export_hf(model, get_tokenizer("byte"), str(tmp_path / "hf"))
+    model = tiny_model(random_norms=True, **CONFIGS[name])
+    export.export_hf(model, BYTE, str(tmp_path / "hf"))
     hf, info = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
     hf.eval()
@@ -94,9 +68,9 @@ def test_hf_export_matches_ours_in_transformers(name, tmp_path):
 
 
 def test_hf_folder_contents(tmp_path, capsys):
-    model = random_model(emb_rank=16)
+    model = tiny_model(random_norms=True, emb_rank=16)
     folder = tmp_path / "hf"
-    export.export_hf(model, get_tokenizer("byte"), str(folder), dtype=torch.bfloat16)
+    export.export_hf(model, BYTE, str(folder), dtype=torch.bfloat16)
     assert "multiplied out" in capsys.readouterr().out  # the user is told the export is larger
 
     cfg = model.config
@@ -115,7 +89,7 @@ def test_hf_folder_contents(tmp_path, capsys):
     expected = (model.tok_emb.weight @ model.emb_proj.weight.t()).to(torch.bfloat16)
     assert torch.equal(embedding, expected)
 
-    export.export_hf(random_model(seed=1), get_tokenizer("byte"), str(folder))  # re-export replaces the folder
+    export.export_hf(tiny_model(1, random_norms=True), BYTE, str(folder))  # re-export replaces the folder
     assert sorted(os.listdir(tmp_path)) == ["hf"]  # no .tmp or .old left behind
     assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "float32"
 
@@ -127,7 +101,7 @@ def exported_tokenizer(request, tmp_path_factory):
     """(our tiktoken encoding, an hf folder exported with it)."""
     enc = get_tokenizer(request.param)
     folder = tmp_path_factory.mktemp(request.param) / "hf"
-    export.export_hf(random_model(vocab_size=padded_vocab_size(enc), n_layer=1), enc, str(folder))
+    export.export_hf(tiny_model(random_norms=True, tokenizer=request.param, n_layer=1), enc, str(folder))
     return enc, folder
 
 
@@ -143,7 +117,7 @@ def test_tokenizer_json_encodes_like_tiktoken(exported_tokenizer):
 
     # Real prose and code, literal "<|think|>" included: split_special_tokens keeps it plain text, like ours.
     text = ""
-    for name in ("DEVELOPERS.md", "model.py"):
+    for name in ("CONTRIBUTING.md", "model.py"):
         with open(os.path.join(ROOT, name), encoding="utf-8") as f:
             text += f.read()
     assert "<|think|>" in text
@@ -190,8 +164,9 @@ def test_transformers_generates_a_chat_reply(exported_tokenizer):
 # ----------------------------------------------------------------------------- pt and safetensors
 
 def test_pt_and_safetensors_round_trip(tmp_path):
-    model = random_model(emb_rank=8)
-    written = export.export(write_checkpoint(model, tmp_path / "ckpt.pt"), str(tmp_path / "out"), ["pt", "safetensors"])
+    model = tiny_model(random_norms=True, emb_rank=8)
+    ckpt = write_checkpoint(model, tmp_path / "ckpt.pt", with_optimizer=True)
+    written = export.export(ckpt, str(tmp_path / "out"), ["pt", "safetensors"])
     assert len(written) == 2
     idx = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -208,16 +183,11 @@ def test_pt_and_safetensors_round_trip(tmp_path):
 
 # ----------------------------------------------------------------------------- command line
 
-def run_export(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
-
-
 def test_cli_writes_every_format(tmp_path):
-    ckpt = write_checkpoint(random_model(emb_rank=8), tmp_path / "best.pt")
-    result = run_export("--ckpt", ckpt)  # default: --format all into export/ next to the checkpoint
-    assert result.returncode == 0, result.stderr
-    assert "multiplied out" in result.stdout
+    ckpt = write_checkpoint(tiny_model(random_norms=True, emb_rank=8), tmp_path / "best.pt", with_optimizer=True)
+    rc, stdout, err = run_script("export.py", "--ckpt", ckpt)  # default: --format all into export/ next to it
+    assert rc == 0, err
+    assert "multiplied out" in stdout
     out = tmp_path / "export"
     assert sorted(os.listdir(out)) == ["hf", "model.pt", "model.safetensors"]
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -225,8 +195,8 @@ def test_cli_writes_every_format(tmp_path):
 
 
 def bad_checkpoints(tmp_path):
-    good = write_checkpoint(random_model(), tmp_path / "good.pt")
-    data = good.read_bytes()
+    good = write_checkpoint(tiny_model(random_norms=True), tmp_path / "good.pt", with_optimizer=True)
+    data = (tmp_path / "good.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(data[:len(data) // 2])
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     (tmp_path / "text.pt").write_text("not a checkpoint\n")
@@ -240,9 +210,9 @@ def bad_checkpoints(tmp_path):
 def test_cli_bad_checkpoints_give_one_line_errors(tmp_path):
     for name in bad_checkpoints(tmp_path):
         out = tmp_path / f"out_{name}"
-        result = run_export("--ckpt", tmp_path / name, "--out", out, "--format", "hf")
-        assert result.returncode != 0, name
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error:"), (name, result.stderr)
+        rc, _, err = run_script("export.py", "--ckpt", tmp_path / name, "--out_dir", out, "--format", "hf")
+        assert rc != 0, name
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("export.py: error:"), (name, err)
         assert name in lines[0] or "llama3" in lines[0], lines[0]  # it says which file or what is wrong
         assert not out.exists(), name  # nothing written

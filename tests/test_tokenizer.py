@@ -1,15 +1,14 @@
-"""tokenizer.py: the two encodings, the chat format, its loss mask, prompts for generation and splitting
-the generated reply. References are built independently here, piece by piece."""
-import os
-
+"""tokenizer.py: the two encodings, the chat format, its loss mask, prompts for generation, splitting
+the generated reply, what of a long conversation fits the context, and streaming decode. References are built
+independently here, piece by piece."""
 import pytest
 import tiktoken.load
 
-from tokenizer import (GPT2_RANKS_ENV, SPECIAL_TOKENS, TokenizerError, get_tokenizer, padded_vocab_size,
+from conftest import needs_gpt2_ranks
+from tokenizer import (GPT2_RANKS_ENV, SPECIAL_TOKENS, TextStream, fit_to_window, get_tokenizer, padded_vocab_size,
                        render_conversation, render_prompt, split_thinking)
 
 MIXED_TEXT = "Hello, wörld! naïve café — 12+30=42 🙂 日本語\n\ttabs  and  spaces"
-HAVE_GPT2 = bool(os.environ.get(GPT2_RANKS_ENV))
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +28,7 @@ def test_byte_tokenizer_is_utf8_bytes_plus_chat_tokens(enc):
 
 
 def test_unknown_tokenizer_is_a_clear_error():
-    with pytest.raises(TokenizerError, match="gpt2, byte"):
+    with pytest.raises(ValueError, match="gpt2, byte"):
         get_tokenizer("sentencepiece")
 
 
@@ -125,9 +124,50 @@ def test_split_thinking(enc):
     assert split_thinking(prompt + t("2+2=4") + s("<|/think|>") + s("<|assistant|>") + t("4"), enc) == ("2+2=4", "4")
 
 
+def exchange(i):
+    return [{"role": "user", "content": f"question {i} " + "x" * 30},
+            {"role": "assistant", "content": f"answer {i}", "thinking": "step " * 5}]
+
+
+def test_fit_to_window_drops_oldest_turns_and_keeps_the_system_prompt(enc):
+    system = {"role": "system", "content": "You are Forge."}
+    messages = [system] + sum((exchange(i) for i in range(10)), []) + [{"role": "user", "content": "last one?"}]
+    budget = 300
+    window, dropped, cut = fit_to_window(messages, enc, "auto", budget)
+    assert dropped and not cut
+    assert window[0] == system and window[-1] == messages[-1]
+    assert window[1:] == messages[len(messages) - len(window) + 1:]  # the newest turns, whole exchanges
+    assert window[1]["role"] == "user"
+    assert len(render_prompt(window, enc, "auto")) <= budget
+    one_more = [system] + messages[len(messages) - len(window) - 1:]
+    assert len(render_prompt(one_more, enc, "auto")) > budget  # as much history as fits
+    short = messages[:4] + messages[-1:]
+    assert fit_to_window(short, enc, "auto", budget) == (short, False, False)  # what fits is left alone
+
+
+def test_fit_to_window_keeps_the_end_of_a_message_too_long_for_the_context(enc):
+    system = {"role": "system", "content": "You are Forge."}
+    long = "é" * 50_000 + " so what is 2+2?"  # 2-byte characters: the cut must not split one
+    window, dropped, cut = fit_to_window([system, {"role": "user", "content": long}], enc, "on", 200)
+    assert cut and not dropped and window[0] == system
+    assert window[1]["content"].endswith(" so what is 2+2?") and long.endswith(window[1]["content"])
+    assert len(render_prompt(window, enc, "on")) <= 200
+
+
+def test_text_stream_decodes_characters_split_over_tokens(enc):
+    stream = TextStream(enc)
+    e_acute = list("é".encode())  # two byte tokens
+    assert [stream(t) for t in [ord("a"), *e_acute, ord("b")]] == ["a", "", "é", "b"]
+    assert stream(enc.encode_single_token("<|think|>")) == ""  # specials are never text by default
+    assert stream(300) == ""  # a padding id of the 320-row embedding
+    assert stream(e_acute[0]) == "" and stream.flush() == "\ufffd"  # a cut-off character is not lost silently
+    shown = TextStream(enc, show_special=True)
+    assert shown(e_acute[0]) + shown(enc.encode_single_token("<|eos|>")) == "\ufffd<|eos|>"
+
+
 def test_gpt2_ranks_file_missing_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv(GPT2_RANKS_ENV, str(tmp_path / "missing.tiktoken"))
-    with pytest.raises(TokenizerError) as e:
+    with pytest.raises(ValueError) as e:
         get_tokenizer("gpt2")
     assert "\n" not in str(e.value) and "--tokenizer byte" in str(e.value) and GPT2_RANKS_ENV in str(e.value)
 
@@ -139,13 +179,13 @@ def test_gpt2_download_failure_is_one_line(monkeypatch):
         raise requests.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
     monkeypatch.delenv(GPT2_RANKS_ENV, raising=False)
     monkeypatch.setattr(tiktoken.load, "read_file_cached", offline)
-    with pytest.raises(TokenizerError) as e:
+    with pytest.raises(ValueError) as e:
         get_tokenizer("gpt2")
     msg = str(e.value)
     assert "\n" not in msg and "--tokenizer byte" in msg and "TIKTOKEN_CACHE_DIR" in msg and "ConnectionError" in msg
 
 
-@pytest.mark.skipif(not HAVE_GPT2, reason=f"set {GPT2_RANKS_ENV} to a gpt2.tiktoken file (.ci/run does)")
+@needs_gpt2_ranks
 def test_gpt2_tokenizer_from_local_ranks():
     enc = get_tokenizer("gpt2")
     assert enc.encode_ordinary("Hello world") == [15496, 995]  # GPT-2's published ids

@@ -8,27 +8,30 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+import configurator
 import train
-from model import Forge, ModelConfig, load_checkpoint
+from common import UserError, autocast, get_batch, load_checkpoint, random_starts
+from conftest import ROOT, run_script, tiny_model, write_checkpoint
+from model import Forge, ModelConfig
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny model; one thread per process keeps the runs quick on a busy 2-core machine.
 TINY = ["--n_layer=2", "--n_embd=64", "--n_head=4", "--n_kv_head=2", "--block_size=64", "--batch_size=8",
         "--eval_iters=2", "--compile=False", "--log_interval=1", "--warmup_iters=5", "--learning_rate=3e-3"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # for the runs that are not run_script's
 
 
 def run_train(*args, env=None, check=True):
-    result = subprocess.run([sys.executable, "train.py", *TINY, *args], cwd=REPO, env=env or ENV,
-                            capture_output=True, text=True, timeout=300)
+    """train.py with the TINY settings and args -> (exit code, stdout, stderr)."""
+    rc, out, err = run_script("train.py", *TINY, *args, env=env)
     if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
+        assert rc == 0, err[-3000:]
+    return rc, out, err
 
 
 def metrics(out_dir):
@@ -41,62 +44,76 @@ def train_losses(out_dir):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """The built-in reasoning dataset, small, prepared once for the whole module."""
-    out = tmp_path_factory.mktemp("data")
-    subprocess.run([sys.executable, "prepare.py", "--max-samples", "3000", "--out", str(out)], cwd=REPO, env=ENV,
-                   check=True, capture_output=True)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def trained(data, tmp_path_factory):
-    """A 40-iteration run, shared by the tests that need a checkpoint."""
+def trained(reasoning_data, tmp_path_factory):
+    """A 40-iteration run, shared by the tests that need a checkpoint -> (out_dir, its stdout)."""
     out = str(tmp_path_factory.mktemp("trained"))
-    result = run_train("--max_iters=40", "--eval_interval=20", f"--data_dir={data}", f"--out_dir={out}")
-    return out, result
+    _, stdout, _ = run_train("--max_iters=40", "--eval_interval=20", f"--data_dir={reasoning_data}", f"--out_dir={out}")
+    return out, stdout
 
 
 # ----------------------------------------------------------------------------- settings
 
-def test_overrides_config_files_and_types(tmp_path):
+def test_train_settings_and_their_types(tmp_path):
+    """train.py's settings through configurator (tests/test_configurator.py has the general rules)."""
     preset = tmp_path / "preset.py"
-    preset.write_text("import math\n# a comment\nbatch_size = 4\nlearning_rate = 1e-3 * 3\n_scratch = 1\n")
-    got = train.parse_args([str(preset), "--batch_size=7", "--learning_rate=1", "--resume", "--dtype=bfloat16",
-                            "--out_dir=123", "--compile=False", "--seq_curriculum=[[0, 32, 8], (10, 64, 4)]"])
-    assert got == {"batch_size": 7, "learning_rate": 1.0, "resume": True, "dtype": "bfloat16", "out_dir": "123",
-                   "compile": False, "seq_curriculum": [(0, 32, 8), (10, 64, 4)]}
-    assert isinstance(got["learning_rate"], float)
-    assert train.parse_args([str(preset)]) == {"batch_size": 4, "learning_rate": pytest.approx(3e-3)}
+    preset.write_text("batch_size = 4\nlearning_rate = 1e-3 * 3\n")
+    cfg, ckpt = train.settings([str(preset), "--batch_size=7", "--resume=False", "--dtype=bfloat16", "--out_dir=123",
+                                "--compile=False", "--device=cpu", "--seq_curriculum=[[0, 32, 8], (10, 64, 4)]"])
+    assert ckpt is None
+    assert (cfg.batch_size, cfg.learning_rate, cfg.dtype, cfg.out_dir, cfg.compile, cfg.device) == \
+        (7, pytest.approx(3e-3), "bfloat16", "123", False, "cpu")
+    assert cfg.seq_curriculum == [(0, 32, 8), (10, 64, 4)]  # stages are tuples, whichever brackets were typed
+    assert vars(cfg).keys() == train.DEFAULTS.keys() and cfg.n_layer == train.n_layer
+    assert train.settings(["--compile=auto"])[0].compile == "auto" and train.settings(["--compile"])[0].compile
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--batch_sise=4"], "unknown setting 'batch_sise' (command line): did you mean batch_size"),
-    (["--batch_size=4.5"], "batch_size=4.5 (command line): expected int (like 16)"),
-    (["--batch_size=big"], "batch_size='big' (command line): expected int (like 16)"),
-    (["--resume=1"], "resume=1 (command line): expected bool (like False)"),
     (["--compile=maybe"], "compile='maybe' (command line): expected auto, True or False"),
-    (["config/nosuch.py"], "config file config/nosuch.py not found"),
+    (["--device=tpu"], "device='tpu' (command line): expected auto, cpu, cuda or mps"),
+    (["--dtype=float8"], "dtype='float8' (command line): expected auto, float32, bfloat16 or float16"),
+    (["--learning_rate=-1"], "learning_rate=-1.0 must not be negative"),
+    (["--eval_iters=0"], "eval_iters=0 must be at least 1"),
 ])
-def test_bad_settings_are_reported(argv, message):
-    with pytest.raises(train.ConfigError, match=re.escape(message)):
-        train.parse_args(argv)
+def test_bad_train_settings_are_reported(argv, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        train.settings(argv)
+
+
+def test_a_checkpoints_architecture_is_the_runs(tmp_path):
+    """init_from and resume: cfg (printed, stored, given to wandb) holds the checkpoint's architecture, whatever the
+    defaults, a stored config or the command line say; a resumed run's stored settings come between the
+    defaults and the command line."""
+    path = write_checkpoint(tiny_model(), tmp_path / "ckpt.pt", with_optimizer=True,
+                            config={"batch_size": 3, "learning_rate": 0.5, "n_layer": 9})
+    assert train.DEFAULTS["n_layer"] == 4 and train.DEFAULTS["n_embd"] == 256
+    cfg, ckpt = train.settings([f"--init_from={path}", "--n_layer=3"])
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.ffn_hidden) == (2, 64, 4, 2, 192)
+    assert ckpt["iter_num"] == 7 and cfg.batch_size == 16  # init_from takes the weights, not the settings
+    cfg, ckpt = train.settings(["--resume", f"--out_dir={tmp_path}", "--learning_rate=0.1", "--n_layer=3"])
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.ffn_hidden) == (2, 64, 4, 2, 192)
+    assert (cfg.batch_size, cfg.learning_rate, cfg.resume) == (3, 0.1, True) and ckpt["iter_num"] == 7
+    (tmp_path / "weights").mkdir()
+    weights = write_checkpoint(tiny_model(), tmp_path / "weights" / "ckpt.pt")  # no optimizer: not resumable
+    with pytest.raises(UserError, match=re.escape(f"{weights} has no optimizer state: use --init_from={weights}")):
+        train.settings(["--resume", f"--out_dir={tmp_path}/weights"])
 
 
 def test_user_errors_are_one_line_with_nonzero_exit(tmp_path):
     for args, expected in [(["--n_layr=3"], "did you mean n_layer"),
-                           ([f"--data_dir={tmp_path}/nothing"], "run `python prepare.py [DATASET ...] --out"),
+                           (["--compile=maybe"], "compile='maybe' (command line): expected auto, True or False"),
+                           ([f"--data_dir={tmp_path}/nothing"], "run `python prepare.py [DATASET ...] --out_dir"),
                            ([f"--out_dir={tmp_path}", "--resume"], "nothing to resume"),
                            ([f"--init_from={tmp_path}/missing.pt"], "init_from=")]:
-        result = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=ENV, capture_output=True, text=True)
-        assert result.returncode != 0
-        assert result.stderr.count("\n") == 1 and result.stderr.startswith("train.py: error:"), result.stderr
-        assert expected in result.stderr
+        rc, _, err = run_script("train.py", *args)
+        assert rc != 0
+        assert err.count("\n") == 1 and err.startswith("train.py: error:"), err
+        assert expected in err
 
 
 def test_learning_rate_schedule():
-    cfg = train.SimpleNamespace(**train.DEFAULTS | dict(learning_rate=1.0, min_lr=0.1, warmup_iters=10,
-                                                         max_iters=110, lr_decay_iters=0))
+    cfg = SimpleNamespace(**train.DEFAULTS | dict(learning_rate=1.0, min_lr=0.1, warmup_iters=10,
+                                                   max_iters=110, lr_decay_iters=0))
     lrs = [train.get_lr(cfg, it) for it in range(130)]
     assert lrs[:10] == pytest.approx([(i + 1) / 11 for i in range(10)])  # linear warmup
     assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55)  # cosine: peak, then halfway
@@ -105,19 +122,20 @@ def test_learning_rate_schedule():
 
 
 def test_curriculum_stages():
-    cfg = train.SimpleNamespace(**train.DEFAULTS | dict(block_size=256, batch_size=4,
-                                                         seq_curriculum=[(0, 64, 16), (100, 128, 8)]))
+    cfg = SimpleNamespace(**train.DEFAULTS | dict(block_size=256, batch_size=4,
+                                                   seq_curriculum=[(0, 64, 16), (100, 128, 8)]))
     assert [train.stage_at(cfg, it) for it in (0, 99, 100, 5000)] == [(64, 16), (64, 16), (128, 8), (128, 8)]
     cfg.seq_curriculum = [(0, 512, 2)]
-    with pytest.raises(train.ConfigError, match="within 1..block_size=256"):
+    with pytest.raises(UserError, match="within 1..block_size=256"):
         train.check_config(cfg)
-    cfg.seq_curriculum = train.parse_args(["--seq_curriculum=[5, 6]"])["seq_curriculum"]
-    with pytest.raises(train.ConfigError, match=r"expected a list of \(from_iter, block_size, batch_size\)"):
-        train.check_config(cfg)
+    with pytest.raises(UserError, match=r"expected a list of \(from_iter, block_size, batch_size\)"):
+        train.settings(["--seq_curriculum=[5, 6]"])
+    with pytest.raises(UserError, match="in order of their from_iter"):
+        train.settings(["--seq_curriculum=[(10, 64, 4), (0, 32, 8)]"])
 
 
 def test_cpu_preset_spells_out_the_defaults():
-    preset = train.parse_args(["config/cpu_reasoning.py"])
+    preset = configurator.read_config_file(os.path.join(ROOT, "config/cpu_reasoning.py"), train.DEFAULTS, train.CHOICES)
     assert preset and all(train.DEFAULTS[k] == v for k, v in preset.items())
     assert {"n_layer", "n_embd", "batch_size", "block_size", "max_iters", "learning_rate"} <= preset.keys()
 
@@ -129,14 +147,14 @@ def test_batches_are_shifted_windows_with_masked_targets(tmp_path):
     tokens = rng.integers(0, 300, 1000).astype(np.uint16)
     mask = (rng.random(1000) < 0.5).astype(np.uint8)
     g = torch.Generator().manual_seed(0)
-    x, y = train.get_batch(tokens, mask, 16, 32, g)
+    x, y = get_batch(tokens, mask, random_starts(tokens, 16, 32, g), 32)
     assert x.shape == y.shape == (16, 32) and x.dtype == y.dtype == torch.int64
     for row_x, row_y in zip(x.tolist(), y.tolist()):  # reference: find each window and rebuild its targets
         start = next(s for s in range(len(tokens) - 32) if tokens[s:s + 32].tolist() == row_x)
         expected = [int(t) if mask[start + 1 + i] else -1 for i, t in enumerate(tokens[start + 1:start + 33])]
         assert row_y == expected
     assert (y == -1).any() and (y != -1).any()
-    x2, y2 = train.get_batch(tokens, None, 16, 32, torch.Generator().manual_seed(0))
+    x2, y2 = get_batch(tokens, None, random_starts(tokens, 16, 32, torch.Generator().manual_seed(0)), 32)
     assert torch.equal(x2, x) and (y2 >= 0).all()  # same windows; no mask: every target counts
 
 
@@ -146,7 +164,7 @@ def test_masked_targets_do_not_contribute_to_the_loss():
     tokens = np.random.default_rng(1).integers(0, 64, 500).astype(np.uint16)
     mask = np.zeros(500, np.uint8)
     mask[::3] = 1
-    x, y = train.get_batch(tokens, mask, 4, 32, torch.Generator().manual_seed(0))
+    x, y = get_batch(tokens, mask, random_starts(tokens, 4, 32, torch.Generator().manual_seed(0)), 32)
     logits, loss = model(x, y)
     scrambled = torch.where(y == -1, torch.randint(0, 64, y.shape), y)  # change only what is masked...
     keep = y != -1
@@ -173,17 +191,17 @@ def test_activation_estimate_matches_what_autograd_saves(dtype, grad_checkpoint)
                 saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
         x = torch.randint(0, cfg.vocab_size, (2, T))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), train.autocast("cpu", dtype):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast("cpu", dtype):
             model(x, x)
         return sum(saved.values())
     per_token = (saved_bytes(128) - saved_bytes(64)) / (2 * 64)
-    assert train.activation_bytes(cfg, 2 if dtype else 4)[0] == per_token
+    assert Forge(cfg).activation_bytes(2 if dtype else 4)[0] == per_token
 
 
 # ----------------------------------------------------------------------------- real runs
 
 def test_short_run_learns_and_writes_checkpoints(trained):
-    out, result = trained
+    out, stdout = trained
     evals = [r for r in metrics(out) if "val_loss" in r]
     assert [r["iter"] for r in evals] == [0, 20, 40]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0, evals  # from ~ln(320) down by well over a nat
@@ -194,13 +212,14 @@ def test_short_run_learns_and_writes_checkpoints(trained):
     assert ckpt["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in evals))
     model, best = load_checkpoint(os.path.join(out, "best.pt"))
     assert best["best_val_loss"] == ckpt["best_val_loss"] and model.config.n_layer == 2
-    assert "tokens per step: 8 micro-batch x 64 context x 1 accumulation x 1 process = 512" in result.stdout
-    assert "memory estimate per device" in result.stdout and "done: iteration 40" in result.stdout
+    assert "tokens per step: 8 micro-batch x 64 context x 1 accumulation x 1 process = 512" in stdout
+    assert "memory estimate per device" in stdout and "done: iteration 40" in stdout
 
 
-def test_resume_is_bit_exact(data, tmp_path):
+def test_resume_is_bit_exact(reasoning_data, tmp_path):
     """2N iterations straight == N, stop, --resume, N more: same losses, same weights (dropout on, 2 micro-batches)."""
-    common = ["--dropout=0.1", "--grad_accum=2", "--eval_interval=5", "--lr_decay_iters=16", f"--data_dir={data}"]
+    common = ["--dropout=0.1", "--grad_accum=2", "--eval_interval=5", "--lr_decay_iters=16",
+              f"--data_dir={reasoning_data}"]
     run_train("--max_iters=16", f"--out_dir={tmp_path}/straight", *common)
     run_train("--max_iters=8", f"--out_dir={tmp_path}/halves", *common)
     run_train("--resume", "--max_iters=16", f"--out_dir={tmp_path}/halves")  # the rest comes from the checkpoint
@@ -213,11 +232,11 @@ def test_resume_is_bit_exact(data, tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_sigkill_leaves_a_checkpoint_that_loads_and_resumes(data, tmp_path):
+def test_sigkill_leaves_a_checkpoint_that_loads_and_resumes(reasoning_data, tmp_path):
     out = str(tmp_path)
     proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--max_iters=100000", "--ckpt_interval=1",
-                             "--eval_interval=1000", f"--data_dir={data}", f"--out_dir={out}"],
-                            cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--eval_interval=1000", f"--data_dir={reasoning_data}", f"--out_dir={out}"],
+                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not os.path.exists(f"{out}/ckpt.pt") and time.time() < deadline:
         time.sleep(0.1)
@@ -232,11 +251,11 @@ def test_sigkill_leaves_a_checkpoint_that_loads_and_resumes(data, tmp_path):
     assert [it for it, _ in train_losses(out)][-3:] == [stopped_at, stopped_at + 1, stopped_at + 2]
 
 
-def test_ctrl_c_saves_and_exits_cleanly(data, tmp_path):
+def test_ctrl_c_saves_and_exits_cleanly(reasoning_data, tmp_path):
     out = str(tmp_path)
     proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--max_iters=100000", "--eval_interval=1000",
-                             f"--data_dir={data}", f"--out_dir={out}"],
-                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             f"--data_dir={reasoning_data}", f"--out_dir={out}"],
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not os.path.exists(f"{out}/metrics.jsonl") or len(train_losses(out)) < 3:
         assert time.time() < deadline
@@ -248,28 +267,30 @@ def test_ctrl_c_saves_and_exits_cleanly(data, tmp_path):
     assert load_checkpoint(f"{out}/ckpt.pt")[1]["iter_num"] == train_losses(out)[-1][0] + 1 >= 3
 
 
-def test_nonfinite_loss_is_skipped_then_stops_the_run(data, tmp_path):
-    once = run_train("--max_iters=6", "--eval_interval=100", f"--data_dir={data}", f"--out_dir={tmp_path}/once",
-                     env=ENV | {train.NAN_ITERS_ENV: "2"})
-    assert "iter 2: non-finite loss (nan)" in once.stdout
+def test_nonfinite_loss_is_skipped_then_stops_the_run(reasoning_data, tmp_path):
+    _, stdout, _ = run_train("--max_iters=6", "--eval_interval=100", f"--data_dir={reasoning_data}",
+                             f"--out_dir={tmp_path}/once", env={train.NAN_ITERS_ENV: "2"})
+    assert "iter 2: non-finite loss (nan)" in stdout
     records = metrics(f"{tmp_path}/once")
     assert [r["iter"] for r in records if r.get("skipped")] == [2]
-    assert all(torch.isfinite(v).all() for v in torch.load(f"{tmp_path}/once/ckpt.pt", weights_only=True)["model"].values())
+    weights = torch.load(f"{tmp_path}/once/ckpt.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in weights.values())
 
-    always = run_train("--max_iters=50", "--max_nonfinite=3", "--eval_interval=100", f"--data_dir={data}",
-                       f"--out_dir={tmp_path}/always", env=ENV | {train.NAN_ITERS_ENV: "4,5,6,7,8"}, check=False)
-    assert always.returncode != 0
-    assert always.stderr.strip().splitlines()[-1].startswith("train.py: 3 non-finite losses or gradients in a row")
+    rc, _, stderr = run_train("--max_iters=50", "--max_nonfinite=3", "--eval_interval=100",
+                              f"--data_dir={reasoning_data}", f"--out_dir={tmp_path}/always",
+                              env={train.NAN_ITERS_ENV: "4,5,6,7,8"}, check=False)
+    assert rc != 0
+    assert stderr.strip().splitlines()[-1].startswith("train.py: 3 non-finite losses or gradients in a row")
     ckpt = torch.load(f"{tmp_path}/always/ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 7  # iterations 4, 5, 6 were skipped, then it stopped
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-def test_init_from_loads_weights_and_trains(trained, data, tmp_path):
+def test_init_from_loads_weights_and_trains(trained, reasoning_data, tmp_path):
     source, _ = trained
     source_ckpt = torch.load(f"{source}/ckpt.pt", weights_only=True)
-    result = run_train(f"--init_from={source}/ckpt.pt", "--n_layer=3", "--max_iters=6", "--eval_interval=3",
-                       f"--data_dir={data}", f"--out_dir={tmp_path}")
+    _, stdout, _ = run_train(f"--init_from={source}/ckpt.pt", "--n_layer=3", "--max_iters=6", "--eval_interval=3",
+                             f"--data_dir={reasoning_data}", f"--out_dir={tmp_path}")
     evals = [r for r in metrics(str(tmp_path)) if "val_loss" in r]
     source_final = [r for r in metrics(source) if "val_loss" in r][-1]["val_loss"]
     assert evals[0]["val_loss"] == pytest.approx(source_final, rel=1e-6)  # the same weights on the same windows
@@ -277,19 +298,21 @@ def test_init_from_loads_weights_and_trains(trained, data, tmp_path):
     assert ckpt["iter_num"] == 6 and ckpt["model_args"]["n_layer"] == 2 == ckpt["config"]["n_layer"]  # its architecture
     assert ckpt["optimizer"]["state"][0]["step"].item() == 6  # a fresh optimizer
     assert not torch.equal(ckpt["model"]["norm.weight"], source_ckpt["model"]["norm.weight"])  # and it trained
-    assert "initialized from" in result.stdout
+    assert "initialized from" in stdout
 
 
-def test_torchrun_two_processes_end_with_identical_weights(data, tmp_path):
+def test_torchrun_two_processes_end_with_identical_weights(reasoning_data, tmp_path):
     """DDP on CPU (gloo) with gradient accumulation (no_sync) and a curriculum stage change."""
     script = tmp_path / "run_and_dump.py"
-    script.write_text(f"import os, sys, torch\nsys.path.insert(0, {REPO!r})\nimport train\n"
+    script.write_text(f"import os, sys, torch\nsys.path.insert(0, {ROOT!r})\nimport train\n"
                       f"model = train.main(sys.argv[1:])\n"
-                      f"torch.save(model.state_dict(), os.path.join({str(tmp_path)!r}, f\"rank{{os.environ['RANK']}}.pt\"))\n")
+                      f"torch.save(model.state_dict(),\n"
+                      f"           os.path.join({str(tmp_path)!r}, f\"rank{{os.environ['RANK']}}.pt\"))\n")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(script), *TINY, "--max_iters=6", "--eval_interval=3", "--grad_accum=2",
-                             "--seq_curriculum=[(0, 32, 8), (3, 64, 8)]", f"--data_dir={data}",
-                             f"--out_dir={tmp_path}/out"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+                             "--seq_curriculum=[(0, 32, 8), (3, 64, 8)]", f"--data_dir={reasoning_data}",
+                             f"--out_dir={tmp_path}/out"],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x 2 accumulation x 2 processes" in result.stdout and "curriculum stage: context 64" in result.stdout
     rank0, rank1 = (torch.load(f"{tmp_path}/rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -305,7 +328,7 @@ TARGET_GIB = {"nano_3050ti": 4, "mini_t4": 15, "yxanul_4090": 24, "cogni_4gb": 4
               "h100_ddp": 80}
 
 
-@pytest.mark.parametrize("preset", sorted(os.path.basename(p)[:-3] for p in glob.glob(f"{REPO}/config/*.py")))
+@pytest.mark.parametrize("preset", sorted(os.path.basename(p)[:-3] for p in glob.glob(f"{ROOT}/config/*.py")))
 def test_presets_parse_and_fit_their_cards(preset, capsys):
     """Every preset is valid, and the GPU ones fit their card by the estimate (CUDA context not counted)."""
     no_checkpoint = ["--init_from="] if preset == "sft_chat" else []  # its stage-one checkpoint does not exist here

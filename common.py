@@ -1,0 +1,431 @@
+"""
+What the scripts share, in one flat file, so that no script ever imports another.
+
+    errors      UserError: a mistake the user can fix, in one line; run_main turns it into `name: error: …`
+    device      resolve_device, amp_dtype, autocast, inference_dtype, peak_flops
+    files       save_json, save_checkpoint, load_checkpoint, find_checkpoint, load_tokenizer
+    data        load_data (meta.json and the token bins), get_batch (windows -> inputs and masked targets)
+    inference   the shared flags, load_model, make_generator, robust_stdio, read_gsm8k
+    replies     generate_reply: the one place an assistant turn is produced (chat.py, eval.py)
+    runs        MetricsLog and StopFlag: what a training run logs, and how it stops cleanly
+
+Library functions here raise UserError; only a script's main turns it into a message and exit status 1.
+"""
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from model import Forge, ModelConfig
+from tokenizer import TextStream, all_special_ids, get_tokenizer, special_ids, split_thinking
+from tasks import final_number
+
+# ----------------------------------------------------------------------------- errors
+
+
+class UserError(Exception):
+    """A mistake the user can fix (a missing file, a bad setting), explained in one line."""
+
+
+def run_main(main, *args):
+    """Run a script's main: a UserError ends it with `script.py: error: message` and exit status 1."""
+    try:
+        return main(*args)
+    except UserError as e:
+        script = os.path.basename(sys.modules[main.__module__].__file__)
+        sys.exit(f"{script}: error: {e}")
+
+
+# ----------------------------------------------------------------------------- device and precision
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Dense bf16/fp16 tensor-core peaks (datasheets), the denominator of MFU; other devices show no MFU.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+              "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def resolve_device(name="auto"):
+    """'auto' -> cuda > mps > cpu; any other name (cpu, cuda, cuda:N, mps) is checked to exist here."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    present = {"cpu": True, "mps": torch.backends.mps.is_available(),
+               "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()}
+    if not present.get(device.type, False):
+        raise UserError(f"device {name!r} is not available on this machine: use auto or cpu")
+    return name
+
+
+def amp_dtype(device_type, dtype="auto"):
+    """The autocast dtype, or None for plain fp32. 'auto': bf16 on GPUs that have it, else fp16 (train
+    with a GradScaler); bf16 on CPUs with native bf16 (AVX512-BF16 or AMX), else fp32. Never fp16 on a
+    CPU: it is emulated there, orders of magnitude slower than fp32. MPS stays fp32 unless asked."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise UserError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+        if dtype == "float16" and device_type == "cpu":
+            raise UserError("float16 is emulated on CPUs (far slower than fp32): use bfloat16 or float32")
+        if dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError("this GPU has no bfloat16: use float16 (or auto)")
+        return None if dtype == "float32" else DTYPES[dtype]
+    if device_type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device_type == "cpu" and (getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                                 or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device_type, dtype):
+    """Mixed-precision context for amp_dtype's choice (a no-op for fp32)."""
+    return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def inference_dtype(device_type, dtype, n_params):
+    """The dtype the weights are cast to for generation: cast once rather than autocast every op, since
+    half-precision weights halve the bytes read per token. auto: the training autocast dtype, except on a
+    CPU for models under 50M parameters, whose decoding is bound by per-op overhead, higher in bf16
+    (README, Performance)."""
+    if dtype == "auto" and device_type == "cpu" and n_params < 50e6:
+        return torch.float32
+    return amp_dtype(device_type, dtype) or torch.float32
+
+
+def peak_flops(device):
+    """The GPU's datasheet peak in FLOP/s, or None where it is unknown (CPUs, MPS, unlisted GPUs)."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+# ----------------------------------------------------------------------------- files
+# A checkpoint is a dict: "model" (state dict), "model_args" (ModelConfig fields), "tokenizer" (name),
+# "config" (the run's settings), and for resuming: "optimizer", "scaler", "iter_num", "best_val_loss", "rng".
+# Everything in it is a tensor or plain Python data, so it loads with weights_only=True.
+
+def save_json(obj, path):
+    """Readable JSON written like checkpoints: to a temporary name, then renamed over the old file."""
+    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(f"{path}.tmp", path)
+
+
+def save_checkpoint(ckpt, path):
+    """torch.save to a temporary name, then rename: a kill at any moment leaves the old file intact."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """A checkpoint written by train.py -> (model in eval mode on device, the checkpoint dict)."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train one with `python train.py` or pass --ckpt")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path} as a checkpoint ({type(e).__name__}): truncated or not a torch file")
+    if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
+        raise UserError(f"{path} is not a nanoforge checkpoint (it has no model / model_args)")
+    return model_from(ckpt["model_args"], ckpt["model"], path).to(device).eval(), ckpt
+
+
+def model_from(model_args, state_dict, path):
+    """A Forge built from a file's model_args and weights; a mismatch is a one-line UserError."""
+    try:
+        model = Forge(ModelConfig(**model_args))
+        model.load_state_dict(state_dict)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: its weights do not fit its model_args ({str(e).splitlines()[0]})")
+    return model
+
+
+def find_checkpoint(out_dir):
+    """The checkpoint a script uses by default: out_dir/best.pt (lowest val loss), else out_dir/ckpt.pt."""
+    best = os.path.join(out_dir, "best.pt")
+    return best if os.path.isfile(best) else os.path.join(out_dir, "ckpt.pt")
+
+
+def load_tokenizer(name):
+    """tokenizer.get_tokenizer, with its problems (an unknown name, no GPT-2 ranks offline) as UserError."""
+    try:
+        return get_tokenizer(name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_data(data_dir, splits=("train", "val")):
+    """meta.json and {split: (tokens, mask or None)}: read-only memmaps of prepare.py's files."""
+    default_dir = os.path.normpath(data_dir) == os.path.join("data", "reasoning")
+    fix = "run `python prepare.py`" if default_dir else f"run `python prepare.py [DATASET ...] --out_dir {data_dir}`"
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise UserError(f"no prepared data in {data_dir} (meta.json is missing): {fix} first")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        raise UserError(f"{meta_path} is unreadable: {fix} again") from None
+    if not isinstance(meta, dict) or not {"tokenizer", "vocab_size"} <= meta.keys():
+        raise UserError(f"{meta_path} has no tokenizer / vocab_size: {fix} again")
+    bins = {}
+    for split in splits:
+        path = os.path.join(data_dir, f"{split}.bin")
+        if not os.path.isfile(path):
+            raise UserError(f"{path} is missing: {fix} again")
+        tokens = np.memmap(path, dtype=np.uint16, mode="r")
+        mask_path = os.path.join(data_dir, f"{split}_mask.bin")
+        mask = np.memmap(mask_path, dtype=np.uint8, mode="r") if os.path.isfile(mask_path) else None
+        if mask is not None and len(mask) != len(tokens):
+            raise UserError(f"{mask_path} has {len(mask)} entries for {len(tokens)} tokens: {fix} again")
+        bins[split] = (tokens, mask)
+    return meta, bins
+
+
+def get_batch(tokens, mask, starts, block_size):
+    """Windows of block_size tokens at starts -> (x, y), int64 (B, T) on the CPU. y is x shifted by one token,
+    and -1 (ignored by the loss) where the mask is 0: mask[i] says whether token i is one to learn. Training
+    draws random starts (random_starts); the val loss reads consecutive windows."""
+    window = np.asarray(starts)[:, None] + np.arange(block_size + 1)  # one fancy-index gather, no Python loop
+    x = torch.from_numpy(tokens[window[:, :-1]].astype(np.int64))
+    y = torch.from_numpy(tokens[window[:, 1:]].astype(np.int64))
+    if mask is not None:
+        y[torch.from_numpy(mask[window[:, 1:]] == 0)] = -1
+    return x, y
+
+
+def random_starts(tokens, batch_size, block_size, generator=None):
+    """batch_size random window starts in tokens, from torch's RNG (or generator)."""
+    return torch.randint(len(tokens) - block_size, (batch_size,), generator=generator).numpy()
+
+
+def to_device(batch, device):
+    if device.startswith("cuda"):  # pinned host memory lets the copy overlap with compute
+        return [t.pin_memory().to(device, non_blocking=True) for t in batch]
+    return [t.to(device) for t in batch]
+
+
+# ----------------------------------------------------------------------------- loading a model for inference
+
+def add_model_args(parser):
+    """Flags that pick the checkpoint and where it runs."""
+    parser.add_argument("--ckpt", help="checkpoint file (default: OUT_DIR/best.pt, else OUT_DIR/ckpt.pt)")
+    parser.add_argument("--out_dir", default="out", help="train.py's output directory (default: out)")
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="precision of the weights; auto: see inference_dtype in common.py")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
+    parser.add_argument("--seed", type=int, default=1337, help="same seed, same text")
+
+
+def add_sampling_args(parser, max_new_tokens, temperature):
+    """Flags for model.generate; the defaults differ per script (eval.py decodes greedily)."""
+    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=None, help="sample only from the k most likely tokens")
+    parser.add_argument("--top_p", type=float, default=None,
+                        help="nucleus sampling: only the smallest set of tokens holding p of the probability")
+
+
+def sampling_kwargs(args):
+    """The generate() keyword arguments from the flags, checked (argparse cannot check ranges)."""
+    if args.max_new_tokens < 1:
+        raise UserError("--max_new_tokens must be at least 1")
+    if args.temperature < 0:
+        raise UserError("--temperature must be >= 0 (0 = greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError("--top_k must be at least 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError("--top_p must be in (0, 1]")
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def checkpoint_path(args):
+    """--ckpt, else the best checkpoint of --out_dir, else its latest."""
+    return args.ckpt or find_checkpoint(args.out_dir)
+
+
+def load_model(args):
+    """The checkpoint of --ckpt/--out_dir on --device, ready for generation -> (model, enc, ckpt): the model
+    in eval mode in its inference dtype, ckpt the checkpoint's dict without the weights (config, iter_num)."""
+    path = checkpoint_path(args)
+    device = resolve_device(args.device)
+    model, ckpt = load_checkpoint(path, device)
+    enc = load_tokenizer(ckpt.get("tokenizer", "byte"))
+    if model.config.vocab_size < enc.n_vocab:
+        raise UserError(f"{path} has a {model.config.vocab_size}-token vocabulary, smaller than its tokenizer "
+                        f"{enc.name!r} ({enc.n_vocab}): the checkpoint is corrupt")
+    model.to(inference_dtype(torch.device(device).type, args.dtype, model.num_params()["total"]))
+    if args.compile:
+        # Compile the forward, not the module: generate() calls self(...) on the eager module. dynamic=True
+        # because the prompt length and the KV cache position change every call.
+        model.forward = torch.compile(model.forward, dynamic=True)
+    for heavy in ("model", "optimizer", "scaler"):
+        ckpt.pop(heavy, None)
+    return model, enc, ckpt
+
+
+def make_generator(model, seed):
+    """A seeded RNG on the model's device, so that a seed reproduces the same tokens."""
+    return torch.Generator(device=model.rope_cos.device).manual_seed(seed)
+
+
+def robust_stdio():
+    """Never crash on text: undecodable input bytes and unprintable output characters become U+FFFD / '?'."""
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+
+
+def read_gsm8k(path, limit=None):
+    """(task, messages, answer) items from a GSM8K-style jsonl: {"question", "answer"}, the answer ending in
+    "#### N" (openai/gsm8k) or just holding the number."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    items = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            question, answer = rec["question"], rec["answer"].split("####")[-1]
+            if not isinstance(question, str) or final_number(answer) is None:
+                raise ValueError
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{path}:{lineno} is not a GSM8K record: expected JSON with a question and an "
+                            "answer ending in '#### N'") from None
+        items.append(("gsm8k", [{"role": "user", "content": question}], answer.strip()))
+        if limit and len(items) == limit:
+            break
+    if not items:
+        raise UserError(f"{path} holds no GSM8K records")
+    return items
+
+
+# ----------------------------------------------------------------------------- replies
+
+# The special tokens that may occur inside an assistant reply; any other one (<|/assistant|>, <|eos|>, or
+# the model starting a turn of its own such as <|user|>) ends the reply and is never shown.
+REPLY_TOKENS = ("<|think|>", "<|/think|>", "<|no_think|>", "<|assistant|>")
+
+
+def reply_stop_ids(enc):
+    return all_special_ids(enc) - {special_ids(enc)[t] for t in REPLY_TOKENS}
+
+
+@dataclass
+class Reply:
+    part: str = "answer"        # where the newest text belongs: "thinking" or "answer"
+    ids: list = field(default_factory=list)  # generated token ids, the stop token included
+    thinking_tokens: int = 0    # ordinary tokens inside the think block
+    seconds: float = 0.0
+    finish: str = "length"      # "stop" (end of turn), "length" (max_new_tokens or full context), "interrupted"
+    thinking: "str | None" = None  # the think block's text, None when the model answered without one
+    answer: str = ""
+
+
+def generate_reply(model, enc, prompt, sampling, generator=None, on_text=None, interruptible=False):
+    """Generate the assistant's turn for prompt (from render_prompt). on_text(reply, text) is called as
+    printable text arrives, with reply.part telling whether it is thinking or answer. With interruptible,
+    Ctrl-C ends the reply early (finish="interrupted") instead of propagating."""
+    sp = special_ids(enc)
+    stop_ids = reply_stop_ids(enc)
+    # What the prompt already says about the reply: <|think|> (reasoning on), <|no_think|><|assistant|> (off)
+    # or nothing (the model chooses). It is part of the reply for split_thinking.
+    user_end = len(prompt) - 1 - prompt[::-1].index(sp["<|/user|>"])
+    forced = list(prompt[user_end + 1:])
+    reply = Reply(part="thinking" if forced[-1:] == [sp["<|think|>"]] else "answer")
+    stream = TextStream(enc)
+    t0 = time.perf_counter()
+    try:
+        for token_id in model.generate(prompt, **sampling, stop_ids=stop_ids, generator=generator):
+            reply.ids.append(token_id)
+            if token_id in stop_ids:
+                reply.finish = "stop"
+                break
+            text = stream(token_id)  # a special token flushes a half-decoded character of its part
+            if token_id == sp["<|think|>"]:
+                reply.part = "thinking"
+            elif token_id == sp["<|/think|>"]:
+                reply.part = "answer"
+            elif reply.part == "thinking" and token_id not in stream.special:
+                reply.thinking_tokens += 1
+            if text and on_text:
+                on_text(reply, text)
+    except KeyboardInterrupt:
+        if not interruptible:
+            raise
+        reply.finish = "interrupted"
+    if (text := stream.flush()) and on_text:  # the reply ended inside a character
+        on_text(reply, text)
+    reply.seconds = time.perf_counter() - t0
+    ids = forced + (reply.ids[:-1] if reply.finish == "stop" else reply.ids)  # the stop token may be a <|/user|>
+    thinking, reply.answer = split_thinking(ids, enc)
+    reply.thinking = thinking if sp["<|think|>"] in ids else None
+    return reply
+
+
+# ----------------------------------------------------------------------------- training runs
+
+class MetricsLog:
+    """One JSON object per line in out_dir/metrics.jsonl (and to wandb when a run is given)."""
+
+    def __init__(self, path, resume_iter=None, wandb_run=None):
+        self.path, self.wandb = path, wandb_run
+        kept = []
+        if resume_iter is not None and os.path.isfile(path):  # drop what an interrupted run logged past its ckpt
+            with open(path) as f:
+                kept = [line for line in f if json.loads(line)["iter"] < resume_iter]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+    def write(self, **record):
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb:
+            self.wandb.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])
+
+
+def start_wandb(project, run_name, config):
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("wandb_log=True needs wandb: pip install wandb") from None
+    return wandb.init(project=project, name=run_name or None, config=config)
+
+
+class StopFlag:
+    """Set by Ctrl-C (SIGINT) or SIGTERM; a training loop checks it between iterations, saves and exits, so
+    no checkpoint ever holds a half-applied optimizer step. A second Ctrl-C quits at once (single process
+    only: torchrun passes every signal on to its workers, who get the terminal's too)."""
+
+    def __init__(self, ddp=False):
+        self.signum, self.ddp = 0, ddp
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum and not self.ddp:
+            raise KeyboardInterrupt
+        self.signum = signum

@@ -1,0 +1,107 @@
+"""tasks.py: every built-in task's answers and traces checked by an independent computation from the question
+text alone, the held-out split, the difficulty settings, and the answer checker."""
+import collections
+import random
+import re
+
+import pytest
+
+from tasks import TASKS, Difficulty, check_answer, heldout_items, sample_problem
+
+
+def solve(question):
+    """(task, problem key, answer) computed from the question text alone, independently of tasks.py."""
+    nums = [int(n) for n in re.findall(r"\d+", question)]
+    if m := re.search(r"letter (\w) appear in (\w+)|How many (\w)'s are in (\w+)", question):
+        letter, word = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        return "count", (word, letter), str(word.count(letter))
+    if question.startswith("Sort"):
+        return "sort", tuple(nums), ", ".join(map(str, sorted(nums)))
+    if "larg" in question:
+        return "max", tuple(nums), str(max(nums))
+    if "gives away" in question:
+        a, b, c = nums
+        return "word", ("+-", a, b, c), str(a + b - c)
+    if "lost" in question:
+        a, b, c = nums
+        return "word", ("-+", a, b, c), str(a - b + c)
+    if "bags of" in question:
+        b, a, c = nums
+        return "word", ("*+", a, b, c), str(a * b + c)
+    a, b = nums
+    if question.startswith("Subtract"):
+        a, b = b, a
+    for task, op, word in (("add", "+", "Add"), ("sub", "-", "Subtract"), ("mul", "*", "Multiply")):
+        if f" {op} " in question or question.startswith(word):
+            return task, (a, b), str(eval(f"{a}{op}{b}"))
+    raise AssertionError(f"unrecognised question {question!r}")
+
+
+def check_trace(task, question, thinking, answer):
+    """Every 'x op y [op c]=z' in the trace is true arithmetic, and the trace ends where the answer is."""
+    for expr, value in re.findall(r"(\d+(?:[-+*]\d+)+)=(\d+)", thinking):
+        assert eval(expr) == int(value), (question, thinking)
+    last = thinking.splitlines()[-1]
+    if task in ("add", "sub", "mul", "word"):
+        assert last.endswith(f", {answer}"), (question, thinking)
+    elif task == "sort":
+        mins = [int(line.rsplit(" ", 1)[1]) for line in thinking.splitlines()]
+        assert ", ".join(map(str, mins)) == answer
+    elif task == "max":
+        assert last.endswith(f"-> {answer}")
+    elif task == "count":
+        word, letter = solve(question)[1]
+        steps = last.split(", ")  # "s≠r 0, t≠r 0, r=r 1, ...": each letter compared, a running count
+        assert [s[:4] for s in steps] == [f"{ch}{'=' if ch == letter else '≠'}{letter} " for ch in word]
+        assert steps[-1][4:] == answer
+
+
+def draws(n, difficulty=Difficulty(), heldout=False, seed=0):
+    """n problems of every task, (task, question, thinking, answer), from one side of the held-out line."""
+    rng = random.Random(seed)
+    return [(task, *sample_problem(task, rng, difficulty, heldout)) for task in TASKS for _ in range(n)]
+
+
+@pytest.mark.parametrize("heldout", [False, True])
+def test_answers_and_traces_are_right(heldout):
+    for task, question, thinking, answer in draws(1000, heldout=heldout):
+        solved_task, _, truth = solve(question)
+        assert (solved_task, answer) == (task, truth), question
+        check_trace(task, question, thinking, answer)
+
+
+def test_heldout_items_are_correct_and_never_trained_on():
+    trained = {solve(question)[:2] for _, question, _, _ in draws(7000)}  # as many problems as the default data
+    items = list(heldout_items(700))
+    assert [task for task, _, _ in items[:len(TASKS)]] == TASKS and len(items) == 700
+    assert items == list(heldout_items(700))  # deterministic
+    for task, messages, answer in items:
+        assert messages[-1]["role"] == "user" and len(messages) == 1
+        solved_task, key, truth = solve(messages[0]["content"])
+        assert (solved_task, answer) == (task, truth)
+        assert (task, key) not in trained, messages
+    assert len({solve(m[0]["content"])[:2] for _, m, _ in items}) > 500  # varied, not one problem repeated
+
+
+def test_difficulty_is_configurable():
+    longest = collections.Counter()
+    for task, question, thinking, answer in draws(300, Difficulty(digits=5, mul_digits=(3, 2), list_len=7)):
+        _, key, truth = solve(question)
+        assert answer == truth
+        check_trace(task, question, thinking, answer)
+        if task in ("add", "sub"):
+            longest["addsub"] = max(longest["addsub"], *map(len, map(str, key)))
+        if task == "mul":
+            longest["mul_b"] = max(longest["mul_b"], len(str(key[1])))
+        if task == "sort":
+            longest["list"] = max(longest["list"], len(key))
+    assert longest == {"addsub": 5, "mul_b": 2, "list": 7}
+
+
+def test_check_answer():
+    assert check_answer("add", "734", "734") and check_answer("add", " 734.\n", "734")
+    assert check_answer("sort", "1,2, 5, 8,9", "1, 2, 5, 8, 9")
+    assert not check_answer("add", "733", "734") and not check_answer("add", "7340", "734")
+    assert not check_answer("sort", "1, 2, 5, 9, 8", "1, 2, 5, 8, 9") and not check_answer("count", "", "0")
+    with pytest.raises(ValueError):
+        check_answer("poetry", "x", "x")
