@@ -84,6 +84,11 @@ class KVCache:
         self.layers = [(self.k[i], self.v[i]) for i in range(cfg.n_layer)]  # per-layer views, made once
         self.pos = 0  # number of tokens already cached
 
+    def keep(self, rows):
+        """Keep only these batch rows (a LongTensor of indices): finished generations leave the batch."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.layers = [(self.k[i], self.v[i]) for i in range(len(self.layers))]
+
     def update(self, layer, k, v):
         """Store this step's k, v (B, n_kv_head, T, head_dim); return all keys and values so far."""
         k_all, v_all = self.layers[layer]
@@ -227,11 +232,43 @@ class Forge(nn.Module):
         cache = KVCache(self.config, 1, max_len, idx.device, self._activation_dtype(idx.device.type))
         for _ in range(max_len - idx.size(1)):
             logits, _ = self(idx, cache=cache)
-            next_id = sample_next(logits[0, -1].float(), temperature, top_k, top_p, generator)
+            next_id = int(sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator))
             yield next_id
             if next_id in stop_ids:
                 return
             idx = torch.tensor([[next_id]], device=idx.device)
+
+    @torch.inference_mode()
+    def generate_batch(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
+                       generator=None):
+        """Sample B replies at once from B prompts of equal length, (B, T) ids (such as the G copies of one
+        prompt in a GRPO group, which need no padding) -> B lists of new token ids. Each row stops as in
+        generate: after a stop id (kept as its last token), after max_new_tokens, or at block_size. A
+        finished row leaves the batch with its cache rows, so later steps compute only the live rows."""
+        idx = torch.as_tensor(prompts, dtype=torch.long, device=self.rope_cos.device)
+        B, T = idx.shape
+        replies = [[] for _ in range(B)]
+        max_len = min(self.config.block_size, T + max_new_tokens)
+        if T >= max_len:
+            return replies
+        cache = KVCache(self.config, B, max_len, idx.device, self._activation_dtype(idx.device.type))
+        live = list(range(B))  # the reply each row of the running batch belongs to
+        for _ in range(max_len - T):
+            logits, _ = self(idx, cache=cache)
+            next_ids = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)
+            keep = []
+            for i, token in enumerate(next_ids.tolist()):  # one device sync per step, as in generate
+                replies[live[i]].append(token)
+                if token not in stop_ids:
+                    keep.append(i)
+            if not keep:
+                break
+            if len(keep) < len(live):
+                rows = torch.tensor(keep, device=idx.device)
+                cache.keep(rows)
+                next_ids, live = next_ids[rows], [live[i] for i in keep]
+            idx = next_ids.view(-1, 1)
+        return replies
 
     def _activation_dtype(self, device_type):
         """The dtype of keys and values: autocast's when it is on, else the weights'."""
@@ -284,17 +321,17 @@ class Forge(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick the next token id from one position's logits (V,): greedy at temperature 0, else sample
+    """Pick the next token id of each row of logits (B, V) -> (B,) ids: greedy at temperature 0, else sample
     from the softmax restricted to the top_k tokens and to the smallest set holding top_p of the mass."""
     if temperature == 0:
-        return int(logits.argmax())
+        return logits.argmax(-1)
     logits = logits / temperature
     if top_k:
-        kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[-1]
+        kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(descending=True)
         probs = sorted_logits.softmax(-1)
         outside = probs.cumsum(-1) - probs > top_p  # tokens only needed after the mass is reached
-        logits = logits.masked_fill(outside.scatter(0, order, outside), float("-inf"))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).view(-1)

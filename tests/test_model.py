@@ -80,13 +80,20 @@ def greedy_with_cache(model, prompt, steps):
     return ids, torch.stack(logits)
 
 
-@pytest.mark.parametrize("emb_rank", [0, 16])
-def test_kv_cache_decoding_matches_full_recomputation(emb_rank):
+def varied_model(**overrides):
+    """A random tiny model whose weights are scaled up: larger weights give varied (not constant) greedy
+    continuations."""
     torch.manual_seed(0)
-    model = Forge(tiny_config(emb_rank=emb_rank, n_layer=3)).eval()
-    with torch.no_grad():  # larger weights give varied (not constant) greedy continuations
+    model = Forge(tiny_config(**overrides)).eval()
+    with torch.no_grad():
         for p in model.parameters():
             p.mul_(3.0)
+    return model
+
+
+@pytest.mark.parametrize("emb_rank", [0, 16])
+def test_kv_cache_decoding_matches_full_recomputation(emb_rank):
+    model = varied_model(emb_rank=emb_rank, n_layer=3)
     prompt = [7, 3, 99, 12, 5]
     ref_ids, ref_logits = greedy_by_recomputation(model, prompt, 70)
     ids, logits = greedy_with_cache(model, prompt, 70)
@@ -115,14 +122,83 @@ def test_generate_stops_at_stop_id_and_at_block_size():
 
 
 def test_sampling_filters():
-    logits = torch.tensor([1.0, 3.0, 2.0, 0.5])
-    assert sample_next(logits, temperature=0) == 1
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5]])
+
+    def pick(*args, **kwargs):
+        return int(sample_next(logits, *args, **kwargs))
+
+    assert pick(temperature=0) == 1
     g = torch.Generator().manual_seed(0)
-    assert {sample_next(logits, 1.0, top_k=1, generator=g) for _ in range(50)} == {1}
-    assert {sample_next(logits, 1.0, top_p=0.1, generator=g) for _ in range(50)} == {1}
+    assert {pick(1.0, top_k=1, generator=g) for _ in range(50)} == {1}
+    assert {pick(1.0, top_p=0.1, generator=g) for _ in range(50)} == {1}
     # p(1) ~ 0.66, p(2) ~ 0.24: top_p=0.8 keeps exactly those two
-    assert {sample_next(logits, 1.0, top_p=0.8, generator=g) for _ in range(200)} == {1, 2}
-    assert {sample_next(logits, 1.0, top_k=3, generator=g) for _ in range(300)} == {0, 1, 2}
+    assert {pick(1.0, top_p=0.8, generator=g) for _ in range(200)} == {1, 2}
+    assert {pick(1.0, top_k=3, generator=g) for _ in range(300)} == {0, 1, 2}
+
+
+def test_sampling_filters_apply_to_each_row():
+    rows = torch.tensor([[1.0, 3.0, 2.0, 0.5], [2.0, 0.5, 1.0, 3.0]])
+    assert sample_next(rows, temperature=0).tolist() == [1, 3]
+    g = torch.Generator().manual_seed(0)
+    for filters in (dict(top_k=1), dict(top_p=0.1)):
+        assert {tuple(sample_next(rows, 1.0, generator=g, **filters).tolist()) for _ in range(50)} == {(1, 3)}
+    # each row keeps its own top two: {1, 2} and {3, 0}
+    samples = torch.stack([sample_next(rows, 1.0, top_k=2, generator=g) for _ in range(200)])
+    assert set(samples[:, 0].tolist()) == {1, 2} and set(samples[:, 1].tolist()) == {3, 0}
+
+
+def batch_prompts(n, length=6, seed=1):
+    return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_generate_batch_greedy_matches_generate():
+    model = varied_model()
+    prompts = batch_prompts(4)
+    free = [list(model.generate(p, 40, temperature=0)) for p in prompts]
+    stop = {free[0][3], free[1][15]}  # rows stop at different steps (or run to max_new_tokens)
+    expected = [list(model.generate(p, 40, temperature=0, stop_ids=stop)) for p in prompts]
+    assert len({len(e) for e in expected}) > 1 and len(set(free[0])) > 5
+    assert model.generate_batch(prompts, 40, temperature=0, stop_ids=stop) == expected
+    assert model.generate_batch(torch.tensor(prompts[1:2] * 5), 40, temperature=0, stop_ids=stop) == [expected[1]] * 5
+
+
+def test_generate_batch_drops_finished_rows():
+    model = varied_model()
+    prompts = batch_prompts(5)
+    stop = {model.generate_batch(prompts, 1, temperature=0)[2][0]}  # row 2 stops on its first token
+    sizes = []
+    model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].size(0)))
+    out = model.generate_batch(prompts, 30, temperature=0, stop_ids=stop)
+    assert len(out[2]) == 1 and max(map(len, out)) > 1
+    assert all(r.index(t) == len(r) - 1 for r in out for t in stop & set(r))  # nothing after a stop id
+    # forward s computes token s of the rows still running, i.e. those with more than s tokens
+    assert sizes == [sum(len(r) > s for r in out) for s in range(len(sizes))]
+    assert sizes[0] == 5 and sizes[1] < 5
+
+
+def test_generate_batch_sampling_is_reproducible():
+    model = varied_model()
+    prompts = batch_prompts(1) * 6  # a GRPO group: G copies of one prompt
+
+    def sample(**kwargs):
+        return model.generate_batch(prompts, 20, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                                    **kwargs)
+
+    out = sample()
+    assert out == sample()
+    assert len({tuple(r) for r in out}) > 1  # each copy draws its own reply
+    greedy = model.generate_batch(prompts, 20, temperature=0)
+    assert sample(top_k=1) == greedy and sample(top_p=1e-6) == greedy
+
+
+def test_generate_batch_stops_at_max_new_tokens_and_block_size():
+    torch.manual_seed(0)
+    model = Forge(tiny_config(block_size=32)).eval()
+    prompts = batch_prompts(3, length=3)
+    assert [len(r) for r in model.generate_batch(prompts, 7)] == [7, 7, 7]
+    assert [len(r) for r in model.generate_batch(prompts, 1000)] == [32 - 3] * 3  # never past the window
+    assert model.generate_batch(prompts, 0) == [[], [], []]
+    assert model.generate_batch(batch_prompts(2, length=32), 10) == [[], []]
 
 
 def test_masked_targets_cost_nothing():
