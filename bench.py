@@ -12,7 +12,8 @@ Sections:
             same logits), with the same batch, dtype, SDPA attention, optimizer and compile setting
   generate  batch 1, greedy: prefill and decode tokens/s at prompt + output lengths of 256/512/1024:
             model.py with its KV cache, model.py recomputing the whole sequence every step (what nanoGPT's
-            sample.py does), and LlamaForCausalLM.generate with its cache
+            sample.py does), LlamaForCausalLM.generate with its cache, and (where llama_cpp is importable)
+            llama.cpp on `export.py --format gguf` of the same weights, at f32 and q8_0
   data      common.get_batch (train.py's batches) from a memmap against the batches a training step
             consumes, and `python prepare.py FILE` on a generated text of 20 MB, at the rate it reports
   memory    (CUDA) `python train.py config/PRESET.py` for two iterations at each micro-batch shape of each
@@ -168,6 +169,28 @@ def llama_peer(ours):
     return peer.train()  # in the mode of a fresh model, as ours is
 
 
+def llama_cpp_contenders(ours, lengths):
+    """{name: llama_cpp.Llama} on `export.py --format gguf` of our weights, at float32 (with a float32 KV cache:
+    the same maths as ours) and at q8_0 (llama.cpp's default float16 KV cache: what its users run); {} when
+    llama-cpp-python is not installed. Same threads as torch; flash attention off, its default for llama-cpp-python."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return {}
+    models = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = os.path.join(tmp, "ckpt.pt")
+        save_checkpoint({"model": ours.state_dict(), "model_args": asdict(ours.config), "tokenizer": "byte"}, ckpt)
+        for dtype, kv_type in (("float32", llama_cpp.GGML_TYPE_F32), ("q8_0", None)):
+            run_script("export.py", "--format", "gguf", "--dtype", dtype, "--ckpt", ckpt, "--out_dir", tmp)
+            # the whole file is read at load: the temporary folder can go
+            models[f"llama.cpp {dtype.replace('float', 'f')}"] = llama_cpp.Llama(
+                os.path.join(tmp, "model.gguf"), n_ctx=max(lengths), n_threads=torch.get_num_threads(),
+                n_threads_batch=torch.get_num_threads(), type_k=kv_type, type_v=kv_type, use_mmap=False,
+                verbose=False)
+    return models
+
+
 def build_pair(cfg, device):
     """(ours, peer) with identical weights, checked to compute the same logits."""
     torch.manual_seed(0)
@@ -276,6 +299,22 @@ def run_peer(peer, prompt, n):
     return clock.ids, clock.clock
 
 
+def run_llama_cpp(llm, prompt, n):
+    """llama.cpp, greedy, driven at the C API (one llama_decode per token, argmax of its logits) so that
+    little Python runs between steps: the engine's own speed."""
+    import llama_cpp
+    ids, clock = [], [time.perf_counter()]
+    llm.reset()
+    llm.eval(prompt)
+    for i in range(n):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        ids.append(int(logits.argmax()))
+        clock.append(time.perf_counter())
+        if i < n - 1:
+            llm.eval(ids[-1:])
+    return ids, clock
+
+
 def bench_generate(args, plan):
     rows = []
     for size in plan.generate:
@@ -287,6 +326,9 @@ def bench_generate(args, plan):
         contenders = {"ours, KV cache": (run_cached, ours, n),
                       "ours, recompute": (run_recomputed, ours, max(2, n // 8)),  # a step costs a prefill
                       "peer generate": (run_peer, peer, n)}
+        if args.device == "cpu" and args.dtype == "float32":  # llama.cpp's CPU build, with its own dtypes
+            for name, llm in llama_cpp_contenders(ours, plan.lengths).items():
+                contenders[name] = (run_llama_cpp, llm, n)
         for length in plan.lengths:
             tokens = torch.randint(cfg.vocab_size, (length,), generator=torch.Generator().manual_seed(length)).tolist()
             runs = {name: [] for name in contenders}
@@ -302,11 +344,15 @@ def bench_generate(args, plan):
                 rows.append({"size": size, "length": length, "model": name, "new tokens": steps,
                              "prefill tok/s": statistics.median((length - steps) / (c[1] - c[0]) for _, c in timed),
                              "decode tok/s": decode[name]})
-            for row in rows[-3:]:
+            for row in rows[-len(contenders):]:
                 row["decode vs peer"] = row["decode tok/s"] / decode["peer generate"]
                 row["decode vs recompute"] = row["decode tok/s"] / decode["ours, recompute"]
             # same prompt, same weights, greedy: the same tokens, unless two logits nearly tie
-            rows[-3]["same ids as peer"] = runs["ours, KV cache"][0][0] == runs["peer generate"][0][0]
+            rows[-len(contenders)]["same ids as peer"] = runs["ours, KV cache"][0][0] == runs["peer generate"][0][0]
+            for i, name in enumerate(contenders):
+                if name.startswith("llama.cpp"):  # the anchor: ours against the best CPU engine
+                    rows[-len(contenders)][f"ours / {name}"] = decode["ours, KV cache"] / decode[name]
+                    rows[-len(contenders) + i]["same ids as ours"] = runs[name][0][0] == runs["ours, KV cache"][0][0]
         del ours, peer
     return rows
 

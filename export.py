@@ -1,7 +1,8 @@
 """
 Export a checkpoint for use outside this repo.
 
-    python export.py [--ckpt out/best.pt] [--out_dir DIR] [--format pt|safetensors|hf|all] [--dtype float32|bfloat16]
+    python export.py [--ckpt out/best.pt] [--out_dir DIR] [--format pt|safetensors|hf|gguf|all]
+                     [--dtype float32|float16|bfloat16|q8_0]
 
   pt           DIR/model.pt           our state dict + model_args + tokenizer name, no optimizer state
                                       (common.load_checkpoint reads it, with weights_only=True)
@@ -11,18 +12,24 @@ Export a checkpoint for use outside this repo.
                                       tokenizer_config.json (with the chat template), and the tiktoken
                                       ranks + special tokens (tokenizer.tiktoken, tiktoken.json) so that
                                       load_tiktoken() rebuilds our exact encoding offline
+  gguf         DIR/model.gguf         one file for llama.cpp (and Ollama, LM Studio, llama-cpp-python):
+                                      weights, hyperparameters, tokenizer and chat template; --dtype q8_0
+                                      quantizes it to 8 bits (gguf only)
 
 Forge is the Llama architecture (RMSNorm, GQA, rotate-half RoPE, SwiGLU, no biases, tied embeddings),
-so the hf export renames tensors and converts no maths. The one exception: a factorized embedding
-(emb_rank > 0) is multiplied out to the full V x d matrix, which Llama expects.
+so the hf export renames tensors and converts no maths; gguf also reorders the q/k rows for llama.cpp's
+interleaved RoPE. The one exception: a factorized embedding (emb_rank > 0) is multiplied out to the full
+V x d matrix, which Llama expects.
 """
 import argparse
 import base64
+import functools
 import json
 import os
 import re
 import shutil
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -113,6 +120,7 @@ def hf_generation_config(enc):
 
 # ----------------------------------------------------------------------------- hf: tokenizer
 
+@functools.cache
 def byte_to_unicode():
     """GPT-2's byte -> printable character table, which byte-level BPE vocabularies are written in:
     printable Latin-1 bytes stand for themselves, the others are shifted to 256 and up (space -> 'Ġ')."""
@@ -136,21 +144,27 @@ def bpe_split(ranks, token, max_rank):
         parts[i:i + 2] = [parts[i] + parts[i + 1]]
 
 
-def hf_tokenizer_json(enc):
-    """tokenizer.json for `tokenizers`: byte-level BPE with tiktoken's vocabulary, its merges rebuilt
-    from the ranks, tiktoken's pre-tokenizer regex, and our special tokens at our ids."""
-    ranks, table = enc._mergeable_ranks, byte_to_unicode()
+def token_text(token):
+    """A token's bytes in GPT-2's alphabet (byte_to_unicode), as byte-level BPE vocabularies write them."""
+    table = byte_to_unicode()
+    return "".join(table[b] for b in token)
 
-    def as_text(token):
-        return "".join(table[b] for b in token)
 
-    merges = []
+def bpe_merges(enc):
+    """The merge rules of enc's ranks, by rank, as "left right" in GPT-2's alphabet (which has no space)."""
+    ranks, merges = enc._mergeable_ranks, []
     for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
         if len(token) > 1:
             parts = bpe_split(ranks, token, rank)
             if len(parts) != 2:
-                raise UserError(f"token {token!r} is not the merge of two tokens: tokenizer.json cannot express it")
-            merges.append(f"{as_text(parts[0])} {as_text(parts[1])}")  # GPT-2's alphabet has no space
+                raise UserError(f"token {token!r} is not the merge of two tokens: BPE merges cannot express it")
+            merges.append(f"{token_text(parts[0])} {token_text(parts[1])}")
+    return merges
+
+
+def hf_tokenizer_json(enc):
+    """tokenizer.json for `tokenizers`: byte-level BPE with tiktoken's vocabulary, its merges rebuilt
+    from the ranks, tiktoken's pre-tokenizer regex, and our special tokens at our ids."""
     specials = sorted(enc._special_tokens.items(), key=lambda item: item[1])
     return {
         "version": "1.0", "truncation": None, "padding": None,
@@ -165,7 +179,8 @@ def hf_tokenizer_json(enc):
         # ignore_merges: a piece that is a whole token maps straight to it, as tiktoken does
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                  "vocab": {as_text(token): rank for token, rank in ranks.items()}, "merges": merges},
+                  "vocab": {token_text(token): rank for token, rank in enc._mergeable_ranks.items()},
+                  "merges": bpe_merges(enc)},
     }
 
 
@@ -235,17 +250,23 @@ def load_tiktoken(folder):
 
 # ----------------------------------------------------------------------------- hf: the folder
 
-def export_hf(model, enc, folder, dtype=torch.float32):
-    """Write the whole folder under a temporary name, then swap it in: never a half-written export."""
-    from safetensors.torch import save_file
-    cfg = model.config
+def check_vocab(enc, cfg, what):
+    """The tokenizer must fit the model; a factorized embedding is multiplied out (the user is told why the
+    export is larger than the checkpoint)."""
     if enc.n_vocab > cfg.vocab_size:
         raise UserError(f"tokenizer {enc.name!r} has {enc.n_vocab} tokens but the model only {cfg.vocab_size}: "
                         f"the checkpoint was trained with another tokenizer")
     if cfg.emb_rank:
         before, after = cfg.vocab_size * cfg.emb_rank + cfg.emb_rank * cfg.n_embd, cfg.vocab_size * cfg.n_embd
         print(f"note: the factorized embedding (emb_rank={cfg.emb_rank}) is multiplied out for Llama: "
-              f"{before:,} -> {after:,} embedding parameters, so the hf export is larger than the checkpoint")
+              f"{before:,} -> {after:,} embedding parameters, so {what} is larger than the checkpoint")
+
+
+def export_hf(model, enc, folder, dtype=torch.float32):
+    """Write the whole folder under a temporary name, then swap it in: never a half-written export."""
+    from safetensors.torch import save_file
+    cfg = model.config
+    check_vocab(enc, cfg, "the hf export")
     dtype_name = str(dtype).removeprefix("torch.")
     tmp = f"{folder}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -266,14 +287,110 @@ def export_hf(model, enc, folder, dtype=torch.float32):
     shutil.rmtree(f"{folder}.old", ignore_errors=True)
 
 
+# ----------------------------------------------------------------------------- gguf (llama.cpp)
+
+GGUF_DTYPES = ("float32", "float16", "bfloat16", "q8_0")
+
+# llama.cpp refuses a BPE vocabulary without merges, and the byte tokenizer has none (every token is one byte).
+# It gets one rule that can never apply: it joins two special tokens, which BPE never sees as symbols (they
+# are split off before it, or spelled byte by byte when they are text), so every byte stays its own token.
+NO_MERGE = "<|bos|> <|eos|>"
+
+
+def gguf_permute(w, n_heads):
+    """q/k rows from our rotate-half layout, where a head rotates the pairs (i, i + head_dim/2), to the
+    interleaved one of llama.cpp's Llama, which rotates (2i, 2i + 1): row i of each half goes to 2i + half."""
+    return w.reshape(n_heads, 2, -1, w.shape[-1]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_vocab(enc, vocab_size):
+    """(token texts, token types, merges) for llama.cpp's "gpt2" byte-level BPE, one entry per model id: our
+    ranks in GPT-2's alphabet, the special tokens as control tokens, the padding ids as unused."""
+    import gguf
+    texts, types = [f"[PAD{i}]" for i in range(vocab_size)], [gguf.TokenType.UNUSED] * vocab_size
+    for token, rank in enc._mergeable_ranks.items():
+        texts[rank], types[rank] = token_text(token), gguf.TokenType.NORMAL
+    for token, i in enc._special_tokens.items():
+        texts[i], types[i] = token, gguf.TokenType.CONTROL
+    return texts, types, bpe_merges(enc) or [NO_MERGE]
+
+
+def export_gguf(model, enc, path, dtype_name="float32"):
+    """One file for llama.cpp: hyperparameters, tokenizer, chat template and weights, written by the gguf
+    package (llama.cpp's own writer). Norm weights stay float32, as llama.cpp expects."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    cfg, sp = model.config, special_ids(enc)
+    check_vocab(enc, cfg, "the gguf export")
+    qtype = {"float32": Q.F32, "float16": Q.F16, "bfloat16": Q.BF16, "q8_0": Q.Q8_0}[dtype_name]
+    w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    w.add_name("nanoforge")
+    w.add_file_type({Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
+                     Q.BF16: gguf.LlamaFileType.MOSTLY_BF16, Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_context_length(cfg.block_size)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_feed_forward_length(cfg.ffn_hidden)
+    w.add_block_count(cfg.n_layer)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_kv_head)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+
+    texts, types, merges = gguf_vocab(enc, cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")  # byte-level BPE
+    w.add_tokenizer_pre("gpt-2")  # GPT-2's split regex: tiktoken's r50k pattern, which both tokenizers use
+    w.add_token_list(texts)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(sp["<|bos|>"])
+    w.add_eos_token_id(sp["<|eos|>"])
+    w.add_eot_token_id(sp["<|/assistant|>"])  # eos and eot both end generation: a document or a turn
+    w.add_pad_token_id(sp["<|pad|>"])
+    # Every training document starts with <|bos|>, so a plain prompt gets one; llama.cpp drops the template's own
+    # <|bos|> when it adds one, so a chat prompt has exactly one too.
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+    # No output.weight: without one llama.cpp reuses token_embd for the output, as our tied embeddings do.
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layer)
+    for name, t in hf_state_dict(model).items():
+        if name.endswith("q_proj.weight"):
+            t = gguf_permute(t, cfg.n_head)
+        elif name.endswith("k_proj.weight"):
+            t = gguf_permute(t, cfg.n_kv_head)
+        # q8_0 works in blocks of 32 along a row; a row of another length stays float16, as llama.cpp's converter does
+        q = Q.F32 if t.dim() == 1 else Q.F16 if qtype == Q.Q8_0 and t.shape[-1] % 32 else qtype
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight",)), gguf.quants.quantize(t.numpy(), q),
+                     raw_dtype=q)
+
+    tmp = f"{path}.tmp"
+    try:
+        w.write_header_to_file(Path(tmp))
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        w.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 # ----------------------------------------------------------------------------- command line
 
 def export(ckpt_path, out_dir, formats, dtype_name="float32"):
+    if dtype_name not in DTYPES and formats != ["gguf"]:
+        raise UserError(f"--dtype {dtype_name} is a GGUF type: use it with --format gguf")
     model, ckpt = load_checkpoint(ckpt_path)
-    tokenizer_name, dtype = ckpt.get("tokenizer"), DTYPES[dtype_name]
-    if "hf" in formats:  # resolve the tokenizer before writing anything
+    tokenizer_name, dtype = ckpt.get("tokenizer"), DTYPES.get(dtype_name)
+    if {"hf", "gguf"} & set(formats):  # resolve the tokenizer before writing anything
         if not tokenizer_name:
-            raise UserError(f"{ckpt_path} names no tokenizer: the hf export needs one to write tokenizer.json")
+            raise UserError(f"{ckpt_path} names no tokenizer: the hf and gguf exports need one to write theirs")
         enc = load_tokenizer(tokenizer_name)
     os.makedirs(out_dir, exist_ok=True)
     written = []
@@ -286,6 +403,9 @@ def export(ckpt_path, out_dir, formats, dtype_name="float32"):
     if "hf" in formats:
         export_hf(model, enc, os.path.join(out_dir, "hf"), dtype)
         written.append(os.path.join(out_dir, "hf") + os.sep)
+    if "gguf" in formats:
+        export_gguf(model, enc, os.path.join(out_dir, "model.gguf"), dtype_name)
+        written.append(os.path.join(out_dir, "model.gguf"))
     return written
 
 
@@ -293,13 +413,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Export a nanoforge checkpoint (see the top of export.py).")
     p.add_argument("--ckpt", help="checkpoint written by train.py (default: out/best.pt, else out/ckpt.pt)")
     p.add_argument("--out_dir", default=None, help="output folder (default: export/ next to the checkpoint)")
-    p.add_argument("--format", default="all", choices=["pt", "safetensors", "hf", "all"])
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the exported weights")
+    p.add_argument("--format", default="all", choices=["pt", "safetensors", "hf", "gguf", "all"])
+    p.add_argument("--dtype", default="float32", choices=list(dict.fromkeys([*DTYPES, *GGUF_DTYPES])),
+                   help="dtype of the exported weights (q8_0: gguf only)")
     args = p.parse_args(argv)
     if args.ckpt is None:
         args.ckpt = find_checkpoint("out")
     out_dir = args.out_dir or os.path.join(os.path.dirname(args.ckpt), "export")
-    formats = ["pt", "safetensors", "hf"] if args.format == "all" else [args.format]
+    formats = ["pt", "safetensors", "hf", "gguf"] if args.format == "all" else [args.format]
     try:
         written = export(args.ckpt, out_dir, formats, args.dtype)
     except OSError as e:

@@ -1,19 +1,31 @@
 """export.py against references: the hf export loaded by transformers' LlamaForCausalLM gives our logits
-and our greedy tokens, its tokenizer.json gives tiktoken's ids and its chat template our chat format,
+and our greedy tokens, its tokenizer.json gives tiktoken's ids and its chat template our chat format; the gguf
+export run by llama.cpp itself (llama-cpp-python) gives our logits, greedy tokens, token ids and chat prompts;
 and the pt / safetensors exports load back to the very same model."""
+import copy
 import json
 import os
 
+import gguf
 import jinja2
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import export
-from common import load_checkpoint
+from common import load_checkpoint, reply_stop_ids
 from conftest import BYTE, ROOT, needs_gpt2_ranks, run_script, tiny_model, write_checkpoint
-from tokenizer import get_tokenizer, render_conversation, render_prompt
+from tasks import heldout_items
+from tokenizer import all_special_ids, get_tokenizer, render_conversation, render_prompt
+
+try:
+    import llama_cpp
+except ImportError:  # no wheel is published for this platform: .ci/llama_cpp.sh builds it from source
+    llama_cpp = None
+needs_llama_cpp = pytest.mark.skipif(llama_cpp is None, reason="needs llama-cpp-python, built from source by "
+                                     "`bash .ci/llama_cpp.sh` (CI does it)")
 
 TOKENIZERS = ["byte", pytest.param("gpt2", marks=needs_gpt2_ranks)]
 
@@ -161,6 +173,222 @@ def test_transformers_generates_a_chat_reply(exported_tokenizer):
     assert out.shape[1] > inputs["input_ids"].shape[1] and isinstance(tok.decode(out[0]), str)
 
 
+# ----------------------------------------------------------------------------- gguf
+
+@pytest.mark.parametrize("dtype", export.GGUF_DTYPES)
+def test_gguf_file_contents(dtype, tmp_path, capsys):
+    model = tiny_model(random_norms=True, emb_rank=16, n_head=8, n_kv_head=2)
+    path = tmp_path / "model.gguf"
+    export.export_gguf(model, BYTE, str(path), dtype)
+    assert "multiplied out" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == ["model.gguf"]  # no .tmp left behind
+
+    reader, cfg = gguf.GGUFReader(path), model.config
+    meta = {key: field.contents() for key, field in reader.fields.items()}
+    assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.model"] == "gpt2"
+    assert (meta["llama.block_count"], meta["llama.embedding_length"], meta["llama.feed_forward_length"],
+            meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"], meta["llama.context_length"],
+            meta["llama.vocab_size"]) == (cfg.n_layer, cfg.n_embd, cfg.ffn_hidden, 8, 2, cfg.block_size, 320)
+    assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"],
+            meta["tokenizer.ggml.eot_token_id"]) == (256, 257, 264)  # <|bos|>, <|eos|>, <|/assistant|>
+    assert meta["tokenizer.chat_template"] == export.CHAT_TEMPLATE
+    assert meta["tokenizer.ggml.tokens"][255:258] == ["ÿ", "<|bos|>", "<|eos|>"]
+
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in tensors and len(tensors) == 2 + 9 * cfg.n_layer  # tied: llama.cpp reuses token_embd
+    norms = {t.tensor_type.name for name, t in tensors.items() if name.endswith("norm.weight")}
+    matrices = {t.tensor_type.name for name, t in tensors.items() if not name.endswith("norm.weight")}
+    assert norms == {"F32"} and matrices == {{"float32": "F32", "float16": "F16", "bfloat16": "BF16",
+                                              "q8_0": "Q8_0"}[dtype]}
+    emb = tensors["token_embd.weight"]
+    expected = (model.tok_emb.weight @ model.emb_proj.weight.t()).detach().numpy()  # multiplied out
+    rounded = gguf.quants.dequantize(gguf.quants.quantize(expected, emb.tensor_type), emb.tensor_type)
+    assert np.array_equal(gguf.quants.dequantize(emb.data, emb.tensor_type).reshape(expected.shape), rounded)
+
+
+def test_gguf_q8_0_keeps_rows_of_other_lengths_in_float16(tmp_path):
+    """q8_0 quantizes rows in blocks of 32: a matrix whose rows are 80 long stays float16."""
+    model = tiny_model(n_embd=80, n_head=4, n_kv_head=2)  # ffn_hidden 256: its down projection's rows are 256
+    export.export_gguf(model, BYTE, str(tmp_path / "model.gguf"), "q8_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "model.gguf").tensors}
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == "F16"
+    assert types["blk.0.ffn_down.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+
+
+def llama_cpp_model(path, n_ctx, **kwargs):
+    """llama.cpp on a gguf file as the parity tests run it: every position's logits, one thread, and (unless
+    kwargs say otherwise) a float32 KV cache, where llama.cpp's default is float16."""
+    settings = dict(n_threads=1, n_threads_batch=1, logits_all=True, verbose=False, type_k=llama_cpp.GGML_TYPE_F32,
+                    type_v=llama_cpp.GGML_TYPE_F32)
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, **(settings | kwargs))
+
+
+def llama_cpp_logits(llm, ids):
+    llm.reset()
+    llm.eval(ids)
+    return torch.from_numpy(llm.scores[:len(ids)].copy())
+
+
+def llama_cpp_greedy(llm, prompt, n):
+    """n greedy tokens after prompt, with llama.cpp's logits."""
+    llm.reset()
+    llm.eval(prompt)
+    out = []
+    for _ in range(n):
+        out.append(int(llm.scores[llm.n_tokens - 1].argmax()))
+        llm.eval(out[-1:])
+    return out
+
+
+GGUF_CASES = [pytest.param(name, "byte", id=name) for name in CONFIGS] + [
+    pytest.param("gqa-2-theta", "gpt2", id="gpt2-gqa-2-theta", marks=needs_gpt2_ranks),
+    pytest.param("gqa-rank16", "gpt2", id="gpt2-gqa-rank16", marks=needs_gpt2_ranks)]
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("name, tokenizer", GGUF_CASES)
+def test_gguf_f32_matches_ours_in_llama_cpp(name, tokenizer, tmp_path):
+    model = tiny_model(random_norms=True, tokenizer=tokenizer, **CONFIGS[name])
+    export.export_gguf(model, get_tokenizer(tokenizer), str(tmp_path / "model.gguf"))
+    llm = llama_cpp_model(tmp_path / "model.gguf", model.config.block_size)
+
+    idx = torch.randint(0, model.config.vocab_size, (1, model.config.block_size),
+                        generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = full_logits(model, idx)[0]
+    diff = (ours - llama_cpp_logits(llm, idx[0].tolist())).abs().max().item()
+    print(f"{name} ({tokenizer}): max |logit diff| = {diff:.2e} (logit std {ours.std():.2f})")
+    assert diff < 1e-4
+
+    prompt = idx[0, :8].tolist()
+    greedy = list(model.generate(prompt, 32, temperature=0))
+    assert len(greedy) == 32 and llama_cpp_greedy(llm, prompt, 32) == greedy
+
+
+@pytest.fixture(scope="module")
+def trained_gguf(reasoning_data, tmp_path_factory):
+    """A tiny model trained briefly on the reasoning data, exported to gguf at float32 and q8_0 ->
+    (model, tokenizer, {dtype: path})."""
+    out = tmp_path_factory.mktemp("trained_gguf")
+    rc, _, err = run_script("train.py", "--n_layer=2", "--n_embd=64", "--n_head=4", "--n_kv_head=2", "--block_size=128",
+                            "--batch_size=16", "--max_iters=300", "--eval_interval=300", "--eval_iters=2",
+                            "--warmup_iters=20", "--learning_rate=3e-3", "--compile=False", "--device=cpu",
+                            "--dtype=float32", f"--data_dir={reasoning_data}", f"--out_dir={out}")
+    assert rc == 0, err[-3000:]
+    model, ckpt = load_checkpoint(out / "ckpt.pt")
+    paths = {}
+    for dtype in ("float32", "q8_0"):
+        paths[dtype] = export.export(out / "ckpt.pt", str(out / dtype), ["gguf"], dtype)[0]
+    return model, get_tokenizer(ckpt["tokenizer"]), paths
+
+
+def fake_quantized(model, qtype):
+    """A copy of model whose matrices went through gguf's rounding to qtype and back (norms stay exact)."""
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), qtype), qtype)))
+    return rounded
+
+
+@needs_llama_cpp
+def test_gguf_q8_0_follows_ours_on_a_trained_model(trained_gguf):
+    """q8_0 rounds every weight, and in llama.cpp's matmuls every activation, to 8 bits per block of 32, and its
+    KV cache is float16 (llama.cpp's default, kept here). The logits move by about as much as rounding the weights
+    alone moves ours (our own model with the q8_0-rounded weights: the reference), so within 3x of that. Greedy
+    tokens follow ours except where the two best logits are closer than that."""
+    model, enc, paths = trained_gguf
+    llm = llama_cpp_model(paths["q8_0"], model.config.block_size, type_k=None, type_v=None)
+    prompts = [render_prompt(messages, enc) for _, messages, _ in heldout_items(40)]
+    ours_greedy = [list(model.generate(p, 32, temperature=0)) for p in prompts]
+    agree = [llama_cpp_greedy(llm, p, 32) == g for p, g in zip(prompts, ours_greedy)]
+
+    ids = torch.tensor([prompts[0] + ours_greedy[0]])  # a prompt and the reply the model writes
+    with torch.no_grad():
+        ours = full_logits(model, ids)[0]
+        rounded = full_logits(fake_quantized(model, gguf.GGMLQuantizationType.Q8_0), ids)[0]
+    diff = (ours - llama_cpp_logits(llm, ids[0].tolist())).abs().max().item()
+    reference = (ours - rounded).abs().max().item()
+    print(f"q8_0: max |logit diff| {diff:.3f}, from rounding the weights alone {reference:.3f} (logit std "
+          f"{ours.std():.2f}); the same 32 greedy tokens as ours for {sum(agree)}/{len(agree)} prompts")
+    assert diff < 3 * reference
+    assert sum(agree) >= 0.75 * len(agree)
+
+
+@needs_llama_cpp
+def test_llama_cpp_chats_in_our_format_and_stops_at_end_of_turn(trained_gguf):
+    """llama-cpp-python's chat completion on the gguf (its chat template and end-of-generation tokens) writes
+    the reply our greedy generate writes, and stops where ours does: at <|/assistant|>."""
+    model, enc, paths = trained_gguf
+    llm = llama_cpp_model(paths["float32"], model.config.block_size, logits_all=False)
+    end_of_turn, specials, ended = enc.encode_single_token("<|/assistant|>"), all_special_ids(enc), 0
+    for _, messages, _ in heldout_items(4):
+        prompt = render_prompt(messages, enc)
+        budget = model.config.block_size - len(prompt)
+        ours = list(model.generate(prompt, budget, temperature=0, stop_ids=reply_stop_ids(enc)))
+        reply = llm.create_chat_completion(messages, max_tokens=budget, temperature=0.0)["choices"][0]
+        if ours[-1] in specials - {end_of_turn}:
+            continue  # a weak model opening a turn of its own: chat.py stops there, llama.cpp does not
+        assert reply["message"]["content"] == enc.decode([t for t in ours if t not in specials])
+        assert reply["finish_reason"] == ("stop" if ours[-1] == end_of_turn else "length")
+        ended += ours[-1] == end_of_turn
+    assert ended  # the trained model ends its turns, and llama.cpp stops there
+
+
+@pytest.fixture(scope="module", params=TOKENIZERS)
+def gguf_tokenizer(request, tmp_path_factory):
+    """(our tiktoken encoding, llama.cpp's tokenizer on a gguf exported with it)."""
+    enc = get_tokenizer(request.param)
+    path = tmp_path_factory.mktemp(f"gguf_{request.param}") / "model.gguf"
+    export.export_gguf(tiny_model(tokenizer=request.param, n_layer=1), enc, str(path))
+    return enc, llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+
+
+def llama_cpp_text(llm, ids):
+    """Token ids to text as llama.cpp's servers stream it: the concatenated pieces, special tokens shown."""
+    return b"".join(llm.detokenize([i], special=True) for i in ids).decode("utf-8")
+
+
+@needs_llama_cpp
+def test_gguf_tokenizer_encodes_like_tiktoken(gguf_tokenizer):
+    enc, llm = gguf_tokenizer
+    ids = enc.encode_ordinary(MIXED)
+    assert llm.tokenize(MIXED.encode(), add_bos=False) == ids
+    assert llama_cpp_text(llm, ids) == MIXED
+
+    chat_ids, _ = render_conversation(CHAT, enc)  # special tokens written in text become control tokens
+    assert llm.tokenize(enc.decode(chat_ids).encode(), add_bos=False, special=True) == chat_ids
+    assert llama_cpp_text(llm, chat_ids) == enc.decode(chat_ids)
+
+    # Real prose and code, literal "<|think|>" included: without special=True it stays plain text, like ours.
+    text = ""
+    for name in ("CONTRIBUTING.md", "model.py"):
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            text += f.read()
+    assert "<|think|>" in text
+    assert llm.tokenize(text.encode(), add_bos=False) == enc.encode_ordinary(text)
+    # a plain prompt starts with <|bos|>, as every training document does
+    assert llm.tokenize(b"Hi", add_bos=True) == [enc.encode_single_token("<|bos|>")] + enc.encode_ordinary("Hi")
+
+
+@needs_llama_cpp
+def test_gguf_chat_template_and_end_of_generation(gguf_tokenizer):
+    """The template in the gguf, rendered by llama-cpp-python as its chat completions do, gives render_prompt's
+    ids; generation ends at <|/assistant|> (end of turn) and <|eos|>, at no other token."""
+    enc, llm = gguf_tokenizer
+    template = llm.metadata["tokenizer.chat_template"]
+    assert template == export.CHAT_TEMPLATE
+    formatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter(template, eos_token="<|eos|>", bos_token="<|bos|>")
+    history = CHAT[:4]
+    for reasoning in ("auto", "on", "off"):
+        prompt = formatter(messages=history, reasoning=reasoning).prompt
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == render_prompt(history, enc, reasoning)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    ends = {t for t in enc.special_tokens_set if llama_cpp.llama_vocab_is_eog(vocab, enc.encode_single_token(t))}
+    assert ends == {"<|/assistant|>", "<|eos|>"} | ({"<|endoftext|>"} & enc.special_tokens_set)
+
+
 # ----------------------------------------------------------------------------- pt and safetensors
 
 def test_pt_and_safetensors_round_trip(tmp_path):
@@ -189,7 +417,7 @@ def test_cli_writes_every_format(tmp_path):
     assert rc == 0, err
     assert "multiplied out" in stdout
     out = tmp_path / "export"
-    assert sorted(os.listdir(out)) == ["hf", "model.pt", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["hf", "model.gguf", "model.pt", "model.safetensors"]
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "tokenizer.tiktoken", "tiktoken.json"} == set(os.listdir(out / "hf"))
 
@@ -207,12 +435,22 @@ def bad_checkpoints(tmp_path):
     return ["missing.pt", "truncated.pt", "foreign.pt", "text.pt", "other_args.pt", "unknown_tokenizer.pt"]
 
 
-def test_cli_bad_checkpoints_give_one_line_errors(tmp_path):
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_cli_bad_checkpoints_give_one_line_errors(tmp_path, fmt):
     for name in bad_checkpoints(tmp_path):
         out = tmp_path / f"out_{name}"
-        rc, _, err = run_script("export.py", "--ckpt", tmp_path / name, "--out_dir", out, "--format", "hf")
+        rc, _, err = run_script("export.py", "--ckpt", tmp_path / name, "--out_dir", out, "--format", fmt)
         assert rc != 0, name
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("export.py: error:"), (name, err)
         assert name in lines[0] or "llama3" in lines[0], lines[0]  # it says which file or what is wrong
         assert not out.exists(), name  # nothing written
+
+
+def test_cli_q8_0_is_for_gguf_only(tmp_path):
+    ckpt = write_checkpoint(tiny_model(), tmp_path / "best.pt")
+    rc, _, err = run_script("export.py", "--ckpt", ckpt, "--dtype", "q8_0")  # --format all
+    assert rc == 1 and err.strip() == "export.py: error: --dtype q8_0 is a GGUF type: use it with --format gguf"
+    rc, stdout, err = run_script("export.py", "--ckpt", ckpt, "--dtype", "q8_0", "--format", "gguf")
+    assert rc == 0, err
+    assert os.listdir(tmp_path / "export") == ["model.gguf"]
