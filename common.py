@@ -344,10 +344,13 @@ class Reply:
     answer: str = ""
 
 
-def generate_reply(model, enc, prompt, sampling, generator=None, on_text=None, interruptible=False):
+def generate_reply(model, enc, prompt, sampling, generator=None, on_text=None, interruptible=False,
+                   should_stop=None):
     """Generate the assistant's turn for prompt (from render_prompt). on_text(reply, text) is called as
     printable text arrives, with reply.part telling whether it is thinking or answer. With interruptible,
-    Ctrl-C ends the reply early (finish="interrupted") instead of propagating."""
+    Ctrl-C ends the reply early (finish="interrupted") instead of propagating. should_stop(reply), asked
+    after every token, ends the reply when it returns a finish reason (serve.py: a stop string, a client
+    that left, the request's time limit)."""
     sp = special_ids(enc)
     stop_ids = reply_stop_ids(enc)
     # What the prompt already says about the reply: <|think|> (reasoning on), <|no_think|><|assistant|> (off)
@@ -372,6 +375,9 @@ def generate_reply(model, enc, prompt, sampling, generator=None, on_text=None, i
                 reply.thinking_tokens += 1
             if text and on_text:
                 on_text(reply, text)
+            if should_stop and (finish := should_stop(reply)):
+                reply.finish = finish
+                break
     except KeyboardInterrupt:
         if not interruptible:
             raise
@@ -379,7 +385,8 @@ def generate_reply(model, enc, prompt, sampling, generator=None, on_text=None, i
     if (text := stream.flush()) and on_text:  # the reply ended inside a character
         on_text(reply, text)
     reply.seconds = time.perf_counter() - t0
-    ids = forced + (reply.ids[:-1] if reply.finish == "stop" else reply.ids)  # the stop token may be a <|/user|>
+    ended = reply.ids[-1:] and reply.ids[-1] in stop_ids  # not when should_stop ended it on a text token
+    ids = forced + (reply.ids[:-1] if ended else reply.ids)  # the stop token may be a <|/user|>
     thinking, reply.answer = split_thinking(ids, enc)
     reply.thinking = thinking if sp["<|think|>"] in ids else None
     return reply
