@@ -14,7 +14,7 @@ Sections:
             model.py with its KV cache, model.py recomputing the whole sequence every step (what nanoGPT's
             sample.py does), LlamaForCausalLM.generate with its cache, and (where llama_cpp is importable)
             llama.cpp on `export.py --format gguf` of the same weights, at f32 and q8_0
-  data      common.get_batch (train.py's batches) from a memmap against the batches a training step
+  data      common.get_batch (train.py's batches) from the token files against the batches a training step
             consumes, and `python prepare.py FILE` on a generated text of 20 MB, at the rate it reports
   memory    (CUDA) `python train.py config/PRESET.py` for two iterations at each micro-batch shape of each
             GPU preset, on random tokens: the peak memory it logs, against the preset's target card
@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from common import (DTYPES, UserError, amp_dtype, autocast, get_batch, random_starts, resolve_device, run_main,
-                    save_checkpoint, save_json)
+from common import (DTYPES, TokenFile, UserError, amp_dtype, autocast, get_batch, random_starts, resolve_device,
+                    run_main, save_checkpoint, save_json)
 from model import Forge, ModelConfig
 from tokenizer import GPT2_RANKS_ENV
 
@@ -67,7 +67,7 @@ class Plan:
     reps: int            # timed repeats of a training step
     gen_reps: int        # timed repeats of a generation run
     data_mb: int         # megabytes of text to tokenize
-    memmap_tokens: int   # tokens in the memmap get_batch reads
+    file_tokens: int     # tokens in the train.bin get_batch reads
 
 
 def make_plan(args):
@@ -359,13 +359,13 @@ def bench_generate(args, plan):
 
 # ----------------------------------------------------------------------------- data
 
-def write_memmap(folder, n_tokens, vocab_size):
-    """A train.bin-like uint16 memmap of random tokens and its uint8 loss mask, as prepare.py writes them."""
+def write_token_files(folder, n_tokens, vocab_size):
+    """A train.bin of random tokens and its uint8 loss mask, as prepare.py writes them, opened as load_data does."""
     rng = np.random.default_rng(0)
     paths = os.path.join(folder, "train.bin"), os.path.join(folder, "train_mask.bin")
     rng.integers(0, vocab_size, n_tokens, dtype=np.uint16).tofile(paths[0])
     (rng.random(n_tokens) < 0.5).astype(np.uint8).tofile(paths[1])
-    return np.memmap(paths[0], dtype=np.uint16, mode="r"), np.memmap(paths[1], dtype=np.uint8, mode="r")
+    return TokenFile(paths[0], np.uint16), TokenFile(paths[1], np.uint8)
 
 
 def write_text(path, megabytes, seed=0):
@@ -401,7 +401,7 @@ def bench_data(args, plan, train_rows):
     rows = []
     steps_per_s = {r["size"]: 1e3 / r["ms/step"] for r in train_rows if r["model"] == "ours"}
     with tempfile.TemporaryDirectory() as tmp:
-        tokens, mask = write_memmap(tmp, plan.memmap_tokens, 50304)
+        tokens, mask = write_token_files(tmp, plan.file_tokens, 50304)
         for size, batch_size, context in plan.train or [("nano", 8, 1024)]:
             calls, gen = 50, torch.Generator().manual_seed(0)
 

@@ -4,7 +4,8 @@ What the scripts share, in one flat file, so that no script ever imports another
     errors      UserError: a mistake the user can fix, in one line; run_main turns it into `name: error: …`
     device      resolve_device, amp_dtype, autocast, inference_dtype, peak_flops
     files       save_json, save_checkpoint, load_checkpoint, find_checkpoint, load_tokenizer
-    data        load_data (meta.json and the token bins), get_batch (windows -> inputs and masked targets)
+    data        load_data (meta.json and the token bins as TokenFiles: read, never mapped), get_batch (windows ->
+                inputs and masked targets)
     inference   the shared flags, load_model, make_generator, robust_stdio, read_gsm8k
     replies     generate_reply: the one place an assistant turn is produced (chat.py, eval.py)
     runs        MetricsLog and StopFlag: what a training run logs, and how it stops cleanly
@@ -18,6 +19,7 @@ import os
 import signal
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -171,8 +173,31 @@ def load_tokenizer(name):
 
 # ----------------------------------------------------------------------------- data
 
+class TokenFile:
+    """One of prepare.py's bins (token ids or a loss mask) on disk: its length, and slices, each read with one
+    pread into a new array. Never mapped: a memmap kept open for a run keeps every page it touched resident in
+    the process (RssFile) until that is the whole corpus; read like this, the process holds one batch, whatever
+    the file's size. The page cache still keeps what was read, but that is the kernel's to reclaim."""
+
+    def __init__(self, path, dtype):
+        self.dtype = np.dtype(dtype)
+        self.fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self.fd)  # closed with the TokenFile (and at exit)
+        self.size = os.fstat(self.fd).st_size // self.dtype.itemsize
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("a TokenFile reads contiguous slices only, as get_batch does: tokens[s:s + T + 1]")
+        start, stop, _ = index.indices(self.size)
+        size = self.dtype.itemsize
+        return np.frombuffer(os.pread(self.fd, max(stop - start, 0) * size, start * size), self.dtype)
+
+
 def load_data(data_dir, splits=("train", "val")):
-    """meta.json and {split: (tokens, mask or None)}: read-only memmaps of prepare.py's files."""
+    """meta.json and {split: (tokens, mask or None)}: prepare.py's files as TokenFiles (read on demand)."""
     default_dir = os.path.normpath(data_dir) == os.path.join("data", "reasoning")
     fix = "run `python prepare.py`" if default_dir else f"run `python prepare.py [DATASET ...] --out_dir {data_dir}`"
     meta_path = os.path.join(data_dir, "meta.json")
@@ -190,9 +215,9 @@ def load_data(data_dir, splits=("train", "val")):
         path = os.path.join(data_dir, f"{split}.bin")
         if not os.path.isfile(path):
             raise UserError(f"{path} is missing: {fix} again")
-        tokens = np.memmap(path, dtype=np.uint16, mode="r")
+        tokens = TokenFile(path, np.uint16)
         mask_path = os.path.join(data_dir, f"{split}_mask.bin")
-        mask = np.memmap(mask_path, dtype=np.uint8, mode="r") if os.path.isfile(mask_path) else None
+        mask = TokenFile(mask_path, np.uint8) if os.path.isfile(mask_path) else None
         if mask is not None and len(mask) != len(tokens):
             raise UserError(f"{mask_path} has {len(mask)} entries for {len(tokens)} tokens: {fix} again")
         bins[split] = (tokens, mask)
@@ -203,11 +228,12 @@ def get_batch(tokens, mask, starts, block_size):
     """Windows of block_size tokens at starts -> (x, y), int64 (B, T) on the CPU. y is x shifted by one token,
     and -1 (ignored by the loss) where the mask is 0: mask[i] says whether token i is one to learn. Training
     draws random starts (random_starts); the val loss reads consecutive windows."""
-    window = np.asarray(starts)[:, None] + np.arange(block_size + 1)  # one fancy-index gather, no Python loop
-    x = torch.from_numpy(tokens[window[:, :-1]].astype(np.int64))
-    y = torch.from_numpy(tokens[window[:, 1:]].astype(np.int64))
+    windows = np.stack([tokens[s:s + block_size + 1] for s in starts])  # tokens: a TokenFile or an array
+    x = torch.from_numpy(windows[:, :-1].astype(np.int64))
+    y = torch.from_numpy(windows[:, 1:].astype(np.int64))
     if mask is not None:
-        y[torch.from_numpy(mask[window[:, 1:]] == 0)] = -1
+        learn = np.stack([mask[s + 1:s + block_size + 1] for s in starts])
+        y[torch.from_numpy(learn == 0)] = -1
     return x, y
 
 

@@ -49,7 +49,9 @@ def read_val(data_dir, model, enc):
         raise UserError(f"{data_dir} was prepared with the {meta['tokenizer']} tokenizer, the checkpoint uses "
                         f"{enc.name}")
     tokens, mask = bins["val"]
-    if int(tokens.max(initial=0)) >= model.config.vocab_size:
+    chunk = 1 << 22  # 8 MB at a time: the val.bin of a big corpus may not fit in memory at once
+    top = max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=0)
+    if top >= model.config.vocab_size:
         raise UserError(f"{data_dir}/val.bin holds token ids beyond the model's vocabulary: it was prepared for "
                         "another model")
     return meta, tokens, mask
