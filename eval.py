@@ -25,7 +25,7 @@ import torch
 from common import (UserError, add_model_args, add_sampling_args, checkpoint_path, generate_reply, get_batch,
                     load_data, load_model, make_generator, read_gsm8k, robust_stdio, run_main, sampling_kwargs,
                     save_json)
-from tasks import TASKS, Difficulty, check_answer, heldout_items
+from tasks import TASKS, check_answer, difficulty_of, heldout_items
 from tokenizer import render_prompt
 
 SHOWCASE = [  # the design documents' five, then three that probe the built-in tasks and the model's identity
@@ -136,12 +136,6 @@ def score_table(summary):
         rows.append(f"{cut_off} replies were cut off by --max_new_tokens or the context (block_size) before they "
                     "ended; they count as wrong")
     return "\n".join(rows)
-
-
-def difficulty_of(meta):
-    """The difficulty the data was prepared at (meta.json), so the held-out problems match training."""
-    d = meta.get("difficulty")
-    return Difficulty(**{**d, "mul_digits": tuple(d["mul_digits"])}) if d else Difficulty()
 
 
 # ----------------------------------------------------------------------------- showcase

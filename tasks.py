@@ -27,6 +27,12 @@ class Difficulty:
     list_len: int = 5        # sort / max: lists of up to this many numbers
 
 
+def difficulty_of(meta):
+    """The difficulty a prepare.py folder was made with (its meta.json), so that problems match training."""
+    d = meta.get("difficulty")
+    return Difficulty(**{**d, "mul_digits": tuple(d["mul_digits"])}) if d else Difficulty()
+
+
 HELDOUT_SHARE = 10  # 1 problem in 10 (by hash) is reserved for heldout_items and never trained on
 
 

@@ -328,7 +328,11 @@ TARGET_GIB = {"nano_3050ti": 4, "mini_t4": 15, "yxanul_4090": 24, "cogni_4gb": 4
               "h100_ddp": 80}
 
 
-@pytest.mark.parametrize("preset", sorted(os.path.basename(p)[:-3] for p in glob.glob(f"{ROOT}/config/*.py")))
+TRAIN_PRESETS = sorted(os.path.basename(p)[:-3] for p in glob.glob(f"{ROOT}/config/*.py")
+                       if not os.path.basename(p).startswith("rl_"))  # rl_*.py configure rl.py (tests/test_rl.py)
+
+
+@pytest.mark.parametrize("preset", TRAIN_PRESETS)
 def test_presets_parse_and_fit_their_cards(preset, capsys):
     """Every preset is valid, and the GPU ones fit their card by the estimate (CUDA context not counted)."""
     no_checkpoint = ["--init_from="] if preset == "sft_chat" else []  # its stage-one checkpoint does not exist here

@@ -1,0 +1,179 @@
+"""rl.py: the reward (right 1; wrong, cut off or answered only in the thinking 0), the policy-gradient loss
+learns a rewarded answer, resume after an interruption replays the uninterrupted run bit for bit, Ctrl-C
+saves and exits 130, and bad inputs get one line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import rl
+from conftest import BYTE, ROOT, SP, text_ids, tiny_model, write_checkpoint
+
+THINK_END, END = SP["<|/think|>"], SP["<|/assistant|>"]
+
+
+def reply(thinking, answer, end=True):
+    """The ids a model generates after a prompt that forced <|think|>."""
+    ids = text_ids(thinking) + [THINK_END, SP["<|assistant|>"]] + text_ids(answer)
+    return ids + [END] if end else ids
+
+
+def test_reward_is_one_only_for_a_verified_answer_after_the_thinking():
+    assert rl.reward("add", "734", reply("478+256: 8+6=14, 4 / ...", "734"), BYTE) == 1.0
+    assert rl.reward("add", "734", reply("478+256: ...", "735"), BYTE) == 0.0                  # wrong
+    assert rl.reward("add", "734", reply("478+256: ...", "734", end=False), BYTE) == 0.0       # cut off
+    assert rl.reward("add", "734", text_ids("so the answer is 734"), BYTE) == 0.0              # only thinking
+    assert rl.reward("add", "734", text_ids("734") + [END], BYTE) == 0.0                        # no <|/think|>
+    assert rl.reward("gsm8k", "18", reply("16 - 3 - 4 = 9; 9 * 2 = 18", "She makes $18."), BYTE) == 1.0
+    assert rl.reward("gsm8k", "18", reply("9 * 2 = 18", "$19"), BYTE) == 0.0
+
+
+def test_policy_gradient_learns_a_rewarded_answer():
+    """A tiny model over an 8-token vocabulary, rewarded for answering with token 3: the mean sampled reward
+    rises from below 0.2 to above 0.8 within 60 steps (seeded)."""
+    model = tiny_model(seed=0, vocab_size=8, block_size=16).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    prompt, group = [0, 1], 16
+    rewards = []
+    for _ in range(60):
+        replies = model.generate_batch([prompt] * group, 1, temperature=1.0, generator=generator)
+        r = [float(x[0] == 3) for x in replies]
+        rewards.append(sum(r) / group)
+        if rewards[-1] > 0.8:
+            break
+        advantages = [x - sum(r) / group for x in r]
+        loss = rl.policy_loss(model, prompt, replies, advantages, group, torch.autocast("cpu", enabled=False))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert rewards[0] < 0.2 and rewards[-1] > 0.8, rewards
+
+
+def test_policy_loss_scores_only_reply_tokens():
+    """The gradient comes from the reply tokens alone, weighted by their advantage: a zero advantage, or
+    padding after a shorter reply, contributes nothing."""
+    model = tiny_model(seed=1)
+    prompt, replies = text_ids("Q?"), [text_ids("ab") + [END], text_ids("abcd") + [END]]
+    ctx = torch.autocast("cpu", enabled=False)
+    assert rl.policy_loss(model, prompt, replies, [0.0, 0.0], 1.0, ctx).item() == 0.0
+    loss = rl.policy_loss(model, prompt, replies, [1.0, 0.0], 1.0, ctx)
+    seq = torch.tensor([prompt + replies[0]])
+    logits, _ = model(seq[:, :-1], seq[:, :-1])
+    logp = torch.log_softmax(logits.float(), -1)[0, len(prompt) - 1:].gather(-1, seq[0, len(prompt):, None])
+    assert loss.item() == pytest.approx(-logp.sum().item(), rel=1e-5)
+
+
+ARGS = ["--max_iters=4", "--eval_interval=2", "--ckpt_interval=2", "--eval_items=1", "--problems_per_step=2",
+        "--group_size=4", "--max_new_tokens=12", "--learning_rate=1e-2", "--warmup_iters=0", "--device=cpu",
+        "--dtype=float32"]
+
+
+class StopAfter:
+    """Stands in for common.StopFlag: reads as Ctrl-C from the top of step n on."""
+
+    def __init__(self, n):
+        self.checks, self.n = 0, n
+
+    @property
+    def signum(self):
+        self.checks += 1
+        return signal.SIGINT if self.checks > self.n else 0
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    # an untrained model never answers right: reward replies by their length, so every step updates the weights
+    monkeypatch.setattr(rl, "reward", lambda task, answer, reply, enc: float(len(reply) % 2))
+    init = write_checkpoint(tiny_model(seed=2), tmp_path / "init.pt")
+    rl.main([f"--init_from={init}", f"--out_dir={tmp_path}/straight", *ARGS])
+    monkeypatch.setattr(rl, "StopFlag", lambda: StopAfter(2))
+    with pytest.raises(SystemExit) as e:
+        rl.main([f"--init_from={init}", f"--out_dir={tmp_path}/resumed", *ARGS])
+    assert e.value.code == 128 + signal.SIGINT
+    assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["iter_num"] == 2
+    monkeypatch.setattr(rl, "StopFlag", lambda: StopAfter(10 ** 9))
+    rl.main(["--resume", f"--out_dir={tmp_path}/resumed"])
+    straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
+    assert straight["iter_num"] == resumed["iter_num"] == 4
+    assert straight["pass_rates"] == resumed["pass_rates"]
+    changed = False
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+        changed |= not torch.equal(tensor, torch.load(init, weights_only=True)["model"][name])
+    assert changed  # the steps did update the weights
+    metrics = [json.loads(line) for line in open(tmp_path / "resumed" / "metrics.jsonl")]
+    steps = [m["iter"] for m in metrics if "reward" in m]
+    assert steps == [0, 1, 2, 3]  # the interrupted run's log continues without gaps or repeats
+    assert {m["iter"] for m in metrics if "heldout_accuracy" in m} == {0, 2, 4}
+    assert all(0 <= m["zero_variance_share"] <= 1 and m["sampling_tokens_per_s"] > 0 for m in metrics if "reward" in m)
+
+
+def test_ctrl_c_saves_and_exits_130(tmp_path):
+    init = write_checkpoint(tiny_model(seed=3), tmp_path / "init.pt")
+    proc = subprocess.Popen([sys.executable, "rl.py", f"--init_from={init}", f"--out_dir={tmp_path}",
+                             *ARGS, "--max_iters=100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and '"reward"' in metrics.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] >= 1 and "--resume continues" in out.decode()
+
+
+def run_rl(*args):
+    proc = subprocess.run([sys.executable, "rl.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "init_from="),
+    ("no think tokens", "has no think tokens: RL needs a model trained on the chat format"),
+    ("empty jsonl", "holds no GSM8K records"),
+    ("malformed jsonl", ":2 is not a GSM8K record"),
+    ("bad setting", "unknown setting 'group_sise'"),
+])
+def test_bad_inputs_are_one_line_errors(tmp_path, case, message):
+    init = write_checkpoint(tiny_model(), tmp_path / "init.pt")
+    args = [f"--init_from={init}", f"--out_dir={tmp_path}/out"]
+    if case == "missing":
+        args = [f"--init_from={tmp_path}/nothing.pt"]
+    elif case == "no think tokens":  # a model of raw bytes: its vocabulary has no room for the chat tokens
+        args[0] = "--init_from=" + write_checkpoint(tiny_model(vocab_size=256), tmp_path / "bytes.pt")
+    elif case == "empty jsonl":
+        (tmp_path / "g.jsonl").write_text("\n")
+        args.append(f"--gsm8k={tmp_path}/g.jsonl")
+    elif case == "malformed jsonl":
+        (tmp_path / "g.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "x"}\n')
+        args.append(f"--gsm8k={tmp_path}/g.jsonl")
+    else:
+        args.append("--group_sise=4")
+    code, err = run_rl(*args)
+    assert code == 1 and err.startswith("rl.py: error:") and err.count("\n") == 1 and message in err, err
+
+
+def test_gsm8k_mode_holds_out_the_last_records(tmp_path):
+    records = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(6)]
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    init = write_checkpoint(tiny_model(seed=4), tmp_path / "init.pt")
+    cfg, _ = rl.settings(["config/rl_gsm8k_nano.py", f"--init_from={init}", f"--gsm8k={tmp_path}/g.jsonl",
+                          "--eval_items=2"])
+    problems = rl.Problems(cfg, difficulty=None)
+    assert [a for _, _, a in problems.heldout] == ["8", "10"] and len(problems.train) == 4
+    drawn = problems.draw(20, rl.random.Random(0), cfg.task_floor)
+    assert {t for t, _, _ in drawn} == {"gsm8k"} and {a for _, _, a in drawn} <= {"0", "2", "4", "6"}
+    rl.main(["config/rl_gsm8k_nano.py", f"--init_from={init}", f"--gsm8k={tmp_path}/g.jsonl", f"--out_dir={tmp_path}/o",
+             "--eval_items=2", "--max_iters=1", "--problems_per_step=2", "--group_size=2", "--max_new_tokens=8",
+             "--grad_checkpoint=False", "--device=cpu"])
+    metrics = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
+    assert "heldout_gsm8k" in metrics[0] and "reward_gsm8k" in metrics[1]
