@@ -8,7 +8,7 @@ What the scripts share, in one flat file, so that no script ever imports another
                 inputs and masked targets)
     inference   the shared flags, load_model, make_generator, robust_stdio, read_gsm8k
     replies     generate_reply: the one place an assistant turn is produced (chat.py, eval.py)
-    runs        MetricsLog and StopFlag: what a training run logs, and how it stops cleanly
+    runs        configure_optimizer (AdamW, or Muon + AdamW), set_lr, MetricsLog and StopFlag
 
 Library functions here raise UserError; only a script's main turns it into a message and exit status 1.
 """
@@ -419,6 +419,68 @@ def generate_reply(model, enc, prompt, sampling, generator=None, on_text=None, i
 
 
 # ----------------------------------------------------------------------------- training runs
+
+def configure_optimizer(model, weight_decay, learning_rate, betas, device_type, optimizer="adamw", muon_lr=0.0):
+    """model.configure_optimizers' AdamW; with optimizer="muon", Muon at muon_lr (0: learning_rate) for the
+    matrices inside the blocks (attention and MLP projections) and that AdamW for the rest: the embedding (tied:
+    also the output layer), a factorized embedding's projection, the norm gains."""
+    if optimizer not in ("adamw", "muon"):
+        raise UserError(f"optimizer={optimizer!r}: expected adamw or muon")
+    if optimizer == "adamw":
+        return model.configure_optimizers(weight_decay, learning_rate, betas, device_type)
+    matrices = [p for p in model.blocks.parameters() if p.requires_grad and p.dim() == 2]
+    adamw = model.configure_optimizers(weight_decay, learning_rate, betas, device_type, {id(p) for p in matrices})
+    # Muon orthogonalizes each update (singular values near 1): its RMS is 1/sqrt(max(rows, cols)), whatever
+    # the gradient's scale. "match_rms_adamw" multiplies it by 0.2 * sqrt(max(rows, cols)), an update RMS of
+    # 0.2 * lr for every shape, that of a typical AdamW step; and the decoupled weight decay multiplies the
+    # unadjusted lr as AdamW's does. So learning_rate and weight_decay tuned for AdamW carry over (Moonshot,
+    # "Muon is Scalable for LLM Training"), which is why muon_lr defaults to learning_rate. torch's default,
+    # Keller Jordan's "original" sqrt(max(1, rows/cols)), gives an RMS of lr / sqrt(fan_in): it would need a
+    # learning rate 0.2 * sqrt(fan_in) times larger (3x at n_embd=256), and that would multiply the decay too.
+    muon = torch.optim.Muon(matrices, lr=muon_lr or learning_rate, weight_decay=weight_decay,
+                            adjust_lr_fn="match_rms_adamw")
+    return MuonAdamW(muon, adamw, muon_lr / learning_rate if muon_lr else 1.0)
+
+
+class MuonAdamW:
+    """Two optimizers stepped as one (configure_optimizer's optimizer="muon"). torch.amp.GradScaler takes it as one
+    optimizer: unscale_ walks its param_groups and step() runs only when no gradient of either overflowed, so an
+    fp16 overflow skips both together. The checkpoint holds both states. muon_scale is Muon's peak learning rate
+    over AdamW's, for set_lr; kept here rather than in the param groups, which load_state_dict would overwrite with
+    a checkpoint's (a resumed run's muon_lr is the one it is given)."""
+
+    def __init__(self, muon, adamw, muon_scale):
+        self.muon, self.adamw, self.muon_scale = muon, adamw, muon_scale
+
+    @property
+    def param_groups(self):  # read afresh: load_state_dict replaces each optimizer's group dicts
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self):
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state):
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+def set_lr(optimizer, lr):
+    """Set the learning rate of an optimizer from configure_optimizer: lr for AdamW, lr scaled to Muon's own peak
+    for its matrices (the same schedule)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if isinstance(optimizer, MuonAdamW):
+        for group in optimizer.muon.param_groups:
+            group["lr"] = lr * optimizer.muon_scale
+
 
 class MetricsLog:
     """One JSON object per line in out_dir/metrics.jsonl (and to wandb when a run is given)."""

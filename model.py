@@ -276,10 +276,11 @@ class Forge(nn.Module):
             return torch.get_autocast_dtype(device_type)
         return self.tok_emb.weight.dtype
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, skip=frozenset()):
         """AdamW with weight decay on matrices only (not norms). The fused kernel (CUDA and CPU) updates every
-        parameter in one pass instead of a dozen small ones."""
-        params = [p for p in self.parameters() if p.requires_grad]
+        parameter in one pass instead of a dozen small ones. skip: ids of parameters another optimizer updates
+        (common.configure_optimizer's Muon)."""
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in skip]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))

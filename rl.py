@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import configurator
-from common import (DTYPES, MetricsLog, StopFlag, UserError, amp_dtype, autocast, inference_dtype, load_checkpoint,
-                    load_data, load_tokenizer, read_gsm8k, reply_stop_ids, resolve_device, run_main, save_checkpoint)
+from common import (DTYPES, MetricsLog, StopFlag, UserError, amp_dtype, autocast, configure_optimizer, inference_dtype,
+                    load_checkpoint, load_data, load_tokenizer, read_gsm8k, reply_stop_ids, resolve_device, run_main,
+                    save_checkpoint, set_lr)
 from model import Forge, ModelConfig
 from tasks import TASKS, check_answer, difficulty_of, heldout_items, sample_problem
 from tokenizer import render_prompt, special_ids, split_thinking
@@ -61,7 +62,9 @@ top_k = 0                  # 0: no top-k filter
 top_p = 1.0                # 1.0: no nucleus filter
 task_floor = 0.1           # every task keeps at least this draw weight, even when it is always right
 # optimization: one on-policy update per batch of replies
+optimizer = "adamw"        # adamw | muon, as in train.py (a fresh optimizer, whatever the init checkpoint used)
 learning_rate = 1e-4       # 5% of train.py's peak: the policy is already good, keep it close
+muon_lr = 0.0              # optimizer=muon: the matrices' peak learning rate, on the same schedule; 0: learning_rate
 min_lr = 1e-5
 warmup_iters = 5
 weight_decay = 0.0
@@ -75,7 +78,7 @@ dtype = "auto"             # as train.py: auto | float32 | bfloat16 | float16
 seed = 1337
 
 DEFAULTS = configurator.defaults_of(globals())
-CHOICES = {"device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", *DTYPES)}
+CHOICES = {"device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", *DTYPES), "optimizer": ("adamw", "muon")}
 VALIDATION_SEED = 7  # eval.py scores held-out problems drawn with another seed: best.pt is not chosen on them
 
 
@@ -94,6 +97,9 @@ def settings(argv):
     _, ckpt = load_checkpoint(path)
     if config["resume"]:
         config = DEFAULTS | {k: v for k, v in ckpt["config"].items() if k in DEFAULTS} | overrides
+        trained_with = ckpt["config"].get("optimizer", "adamw")  # checkpoints from before Muon: AdamW
+        if config["optimizer"] != trained_with:
+            raise UserError(f"{path} holds {trained_with} state: resume with --optimizer={trained_with}")
     config["data_dir"] = config["data_dir"] or ckpt.get("config", {}).get("data_dir", "")
     cfg = SimpleNamespace(**config)
     for key in ("max_iters", "problems_per_step", "group_size", "max_new_tokens", "eval_interval", "eval_items",
@@ -102,8 +108,10 @@ def settings(argv):
             raise UserError(f"{key}={getattr(cfg, key)} must be at least 1")
     if cfg.group_size < 2:
         raise UserError("group_size must be at least 2: the baseline of a reply is its group's mean reward")
-    if not 0 < cfg.top_p <= 1 or cfg.top_k < 0 or cfg.temperature <= 0 or cfg.learning_rate < 0:
-        raise UserError("temperature must be > 0, top_p in (0, 1], top_k >= 0 and learning_rate >= 0")
+    if not 0 < cfg.top_p <= 1 or cfg.top_k < 0 or cfg.temperature <= 0 or cfg.learning_rate < 0 or cfg.muon_lr < 0:
+        raise UserError("temperature must be > 0, top_p in (0, 1], top_k >= 0, learning_rate and muon_lr >= 0")
+    if cfg.muon_lr and not cfg.learning_rate:
+        raise UserError("muon_lr is a multiple of learning_rate's schedule: set learning_rate > 0 (or muon_lr=0)")
     return cfg, ckpt
 
 
@@ -242,7 +250,8 @@ def main(argv):
     # precision only adds per-op overhead), the update in train.py's.
     sample_dtype = inference_dtype(device_type, cfg.dtype, model.num_params()["total"])
     sample_ctx = autocast(device_type, None if sample_dtype == torch.float32 else sample_dtype)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    optimizer = configure_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
+                                    cfg.optimizer, cfg.muon_lr)
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
     iter_num, best_accuracy = 0, -1.0
     if cfg.resume:
@@ -290,8 +299,7 @@ def main(argv):
         rng = random.Random(cfg.seed * 1_000_003 + iter_num)
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + iter_num)
         lr = get_lr(cfg, iter_num)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         t0 = time.perf_counter()
         batch = problems.draw(cfg.problems_per_step, rng, cfg.task_floor)
         groups = sample_groups(model, enc, batch, cfg, sample_ctx, generator)

@@ -30,9 +30,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import configurator
-from common import (DTYPES, MetricsLog, StopFlag, UserError, amp_dtype, autocast, get_batch, load_checkpoint,
-                    load_data, peak_flops, random_starts, resolve_device, run_main, save_checkpoint, start_wandb,
-                    to_device)
+from common import (DTYPES, MetricsLog, StopFlag, UserError, amp_dtype, autocast, configure_optimizer, get_batch,
+                    load_checkpoint, load_data, peak_flops, random_starts, resolve_device, run_main, save_checkpoint,
+                    set_lr, start_wandb, to_device)
 from model import Forge, ModelConfig
 
 # ----------------------------------------------------------------------------- defaults
@@ -65,10 +65,15 @@ grad_checkpoint = False  # recompute activations in backward: much less memory, 
 batch_size = 16
 grad_accum = 1
 max_iters = 2000
-learning_rate = 2e-3
-min_lr = 2e-4
+optimizer = "adamw"      # adamw | muon: Muon for the matrices inside the blocks, AdamW for the rest (common.py)
+learning_rate = 2e-3     # peak learning rate (AdamW's)
+muon_lr = 0.0            # optimizer=muon: the matrices' peak learning rate, on the same schedule; 0: learning_rate
+min_lr = 2e-4            # the end of the schedule (Muon's: scaled by muon_lr / learning_rate)
+lr_schedule = "cosine"   # cosine | wsd, both after a linear warmup. cosine: down to min_lr along a cosine. wsd
+                         # (warmup-stable-decay): constant, then down to min_lr over the last decay_frac
+decay_frac = 0.2         # wsd: the share of the iterations (up to lr_decay_iters) spent decaying
 warmup_iters = 100
-lr_decay_iters = 0       # cosine decay to min_lr over this many iterations; 0: max_iters
+lr_decay_iters = 0       # the schedule reaches min_lr here; 0: max_iters
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -82,7 +87,8 @@ compile = "auto"         # auto | True | False (auto: on for CUDA and for CPUs w
 seed = 1337
 
 DEFAULTS = configurator.defaults_of(globals())
-CHOICES = {"compile": ("auto", True, False), "device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", *DTYPES)}
+CHOICES = {"compile": ("auto", True, False), "device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", *DTYPES),
+           "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd")}
 ARCHITECTURE = ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "emb_rank")
 NAN_ITERS_ENV = "NANOFORGE_NAN_ITERS"
 
@@ -106,6 +112,10 @@ def settings(argv):
             if "optimizer" not in ckpt:
                 raise UserError(f"{path} has no optimizer state: use --init_from={path} instead")
             config = DEFAULTS | {k: v for k, v in ckpt["config"].items() if k in DEFAULTS} | overrides
+            trained_with = ckpt["config"].get("optimizer", "adamw")  # checkpoints from before Muon: AdamW
+            if config["optimizer"] != trained_with:
+                raise UserError(f"{path} holds {trained_with} state: resume with --optimizer={trained_with}, or "
+                                f"start {config['optimizer']} from its weights with --init_from={path}")
         config |= {k: ckpt["model_args"][k] for k in ARCHITECTURE}
     cfg = SimpleNamespace(**config)
     check_config(cfg)
@@ -118,9 +128,14 @@ def check_config(cfg):
                 "log_interval", "n_layer", "n_head", "n_kv_head", "n_embd", "max_nonfinite"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{key}={getattr(cfg, key)} must be at least 1")
-    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr", "weight_decay", "grad_clip"):
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "muon_lr", "min_lr", "decay_frac",
+                "weight_decay", "grad_clip"):
         if getattr(cfg, key) < 0:
             raise UserError(f"{key}={getattr(cfg, key)} must not be negative")
+    if cfg.decay_frac > 1:
+        raise UserError(f"decay_frac={cfg.decay_frac} is a share of the iterations: at most 1")
+    if cfg.muon_lr and not cfg.learning_rate:
+        raise UserError("muon_lr is a multiple of learning_rate's schedule: set learning_rate > 0 (or muon_lr=0)")
     stages = cfg.seq_curriculum
     if any(not isinstance(s, tuple) or len(s) != 3 or not all(isinstance(v, int) for v in s) for s in stages):
         raise UserError(f"seq_curriculum={stages!r}: expected a list of (from_iter, block_size, batch_size)")
@@ -140,12 +155,23 @@ def stage_at(cfg, it):
 
 
 def get_lr(cfg, it):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    """Linear warmup to learning_rate, then down to min_lr at lr_decay_iters (0: max_iters), then min_lr. Down by a
+    cosine, or (wsd) constant until the last decay_frac of the iterations and down by 1 - sqrt over those."""
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it >= decay_iters:
         return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        # The stable phase is the same whatever max_iters, so a run can be extended (--resume --max_iters=N)
+        # until its decay begins. 1 - sqrt rather than linear: it drops fast, then spends longer near min_lr,
+        # and it beat a linear decay and matched cosine in Hägele et al. 2024 ("Scaling Laws and
+        # Compute-Optimal Training Beyond Fixed Training Durations").
+        decay_start = max(cfg.warmup_iters, decay_iters - round(cfg.decay_frac * decay_iters))
+        if it < decay_start:
+            return cfg.learning_rate
+        progress = (it - decay_start) / (decay_iters - decay_start)
+        return cfg.min_lr + (1.0 - math.sqrt(progress)) * (cfg.learning_rate - cfg.min_lr)
     progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
@@ -315,7 +341,8 @@ def main(argv):
 
     # ---- optimizer, and the state of a resumed run
     raw_model.to(device)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
+                                    cfg.optimizer, cfg.muon_lr)
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)  # fp16 only: bf16 needs no scaling
     iter_num, best_val_loss = 0, float("inf")
     if cfg.resume:
@@ -391,8 +418,7 @@ def main(argv):
             T, B = stage_at(cfg, iter_num)
             say(f"iter {iter_num}: curriculum stage: context {T}, micro-batch {B}")
         lr = get_lr(cfg, iter_num)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         for micro_step in range(cfg.grad_accum):

@@ -2,6 +2,7 @@
 resume is bit-exact, SIGKILL and Ctrl-C leave loadable checkpoints, DDP ranks agree, the non-finite guard."""
 import glob
 import json
+import math
 import os
 import re
 import signal
@@ -74,6 +75,11 @@ def test_train_settings_and_their_types(tmp_path):
     (["--dtype=float8"], "dtype='float8' (command line): expected auto, float32, bfloat16 or float16"),
     (["--learning_rate=-1"], "learning_rate=-1.0 must not be negative"),
     (["--eval_iters=0"], "eval_iters=0 must be at least 1"),
+    (["--optimizer=sgd"], "optimizer='sgd' (command line): expected adamw or muon"),
+    (["--lr_schedule=linear"], "lr_schedule='linear' (command line): expected cosine or wsd"),
+    (["--muon_lr=-1"], "muon_lr=-1.0 must not be negative"),
+    (["--decay_frac=1.5"], "decay_frac=1.5 is a share of the iterations: at most 1"),
+    (["--optimizer=muon", "--muon_lr=0.02", "--learning_rate=0"], "muon_lr is a multiple of learning_rate's"),
 ])
 def test_bad_train_settings_are_reported(argv, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -99,12 +105,26 @@ def test_a_checkpoints_architecture_is_the_runs(tmp_path):
         train.settings(["--resume", f"--out_dir={tmp_path}/weights"])
 
 
+def test_resume_keeps_the_optimizer_it_was_trained_with(tmp_path):
+    """A checkpoint's optimizer state is AdamW's or Muon's: resuming it with the other is refused in one line (a
+    checkpoint from before the setting existed holds AdamW's), and a muon run resumes as muon without the flag."""
+    old = write_checkpoint(tiny_model(), tmp_path / "ckpt.pt", with_optimizer=True)
+    with pytest.raises(UserError, match=re.escape(f"{old} holds adamw state: resume with --optimizer=adamw")):
+        train.settings(["--resume", f"--out_dir={tmp_path}", "--optimizer=muon"])
+    assert train.settings(["--init_from=" + old, "--optimizer=muon"])[0].optimizer == "muon"  # weights only: fine
+    write_checkpoint(tiny_model(), tmp_path / "ckpt.pt", with_optimizer=True, config={"optimizer": "muon"})
+    assert train.settings(["--resume", f"--out_dir={tmp_path}"])[0].optimizer == "muon"
+    with pytest.raises(UserError, match="holds muon state: resume with --optimizer=muon"):
+        train.settings(["--resume", f"--out_dir={tmp_path}", "--optimizer=adamw"])
+
+
 def test_user_errors_are_one_line_with_nonzero_exit(tmp_path):
     for args, expected in [(["--n_layr=3"], "did you mean n_layer"),
                            (["--compile=maybe"], "compile='maybe' (command line): expected auto, True or False"),
                            ([f"--data_dir={tmp_path}/nothing"], "run `python prepare.py [DATASET ...] --out_dir"),
                            ([f"--out_dir={tmp_path}", "--resume"], "nothing to resume"),
-                           ([f"--init_from={tmp_path}/missing.pt"], "init_from=")]:
+                           ([f"--init_from={tmp_path}/missing.pt"], "init_from="),
+                           (["--lr_schedule=linear"], "expected cosine or wsd")]:
         rc, _, err = run_script("train.py", *args)
         assert rc != 0
         assert err.count("\n") == 1 and err.startswith("train.py: error:"), err
@@ -112,6 +132,7 @@ def test_user_errors_are_one_line_with_nonzero_exit(tmp_path):
 
 
 def test_learning_rate_schedule():
+    assert (train.DEFAULTS["lr_schedule"], train.DEFAULTS["optimizer"]) == ("cosine", "adamw")
     cfg = SimpleNamespace(**train.DEFAULTS | dict(learning_rate=1.0, min_lr=0.1, warmup_iters=10,
                                                    max_iters=110, lr_decay_iters=0))
     lrs = [train.get_lr(cfg, it) for it in range(130)]
@@ -119,6 +140,24 @@ def test_learning_rate_schedule():
     assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55)  # cosine: peak, then halfway
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[110:] == pytest.approx([0.1] * 20)
+
+
+@pytest.mark.parametrize("lr_decay_iters, decay_start, decay_end", [(0, 88, 110), (100, 80, 100)])
+def test_warmup_stable_decay_schedule(lr_decay_iters, decay_start, decay_end):
+    """wsd: cosine's warmup, then the peak until the last decay_frac (20%) of the iterations (up to lr_decay_iters,
+    else max_iters), then 1 - sqrt down to min_lr, then min_lr."""
+    cfg = SimpleNamespace(**train.DEFAULTS | dict(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110,
+                                                   lr_decay_iters=lr_decay_iters, lr_schedule="wsd", decay_frac=0.2))
+    lrs = [train.get_lr(cfg, it) for it in range(130)]
+    cosine = SimpleNamespace(**vars(cfg) | {"lr_schedule": "cosine"})
+    assert lrs[:10] == [train.get_lr(cosine, it) for it in range(10)]  # the same warmup
+    assert lrs[10:decay_start + 1] == [1.0] * (decay_start - 9)  # stable: the peak, up to the decay's first step
+    length = decay_end - decay_start
+    assert lrs[decay_start:decay_end] == pytest.approx([0.1 + 0.9 * (1 - math.sqrt(i / length)) for i in range(length)])
+    assert all(a > b for a, b in zip(lrs[decay_start:decay_end + 1], lrs[decay_start + 1:decay_end + 1]))
+    assert lrs[decay_end:] == [0.1] * (130 - decay_end)
+    cfg.decay_frac = 0.0  # no decay: the peak to the end
+    assert [train.get_lr(cfg, it) for it in range(10, decay_end)] == [1.0] * (decay_end - 10)
 
 
 def test_curriculum_stages():
@@ -216,10 +255,21 @@ def test_short_run_learns_and_writes_checkpoints(trained):
     assert "memory estimate per device" in stdout and "done: iteration 40" in stdout
 
 
-def test_resume_is_bit_exact(reasoning_data, tmp_path):
-    """2N iterations straight == N, stop, --resume, N more: same losses, same weights (dropout on, 2 micro-batches)."""
+def flat_tensors(state):
+    """The tensors of a (nested) optimizer state dict, in a fixed order."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    items = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else []
+    return [t for item in items for t in flat_tensors(item)]
+
+
+@pytest.mark.parametrize("optimizer", [[], ["--optimizer=muon", "--muon_lr=6e-3", "--lr_schedule=wsd"]],
+                         ids=["adamw", "muon"])
+def test_resume_is_bit_exact(reasoning_data, tmp_path, optimizer):
+    """2N iterations straight == N, stop, --resume, N more: same losses, same weights, same optimizer state (dropout
+    on, 2 micro-batches). Muon: both optimizers' states come back; the settings come from the checkpoint."""
     common = ["--dropout=0.1", "--grad_accum=2", "--eval_interval=5", "--lr_decay_iters=16",
-              f"--data_dir={reasoning_data}"]
+              f"--data_dir={reasoning_data}", *optimizer]
     run_train("--max_iters=16", f"--out_dir={tmp_path}/straight", *common)
     run_train("--max_iters=8", f"--out_dir={tmp_path}/halves", *common)
     run_train("--resume", "--max_iters=16", f"--out_dir={tmp_path}/halves")  # the rest comes from the checkpoint
@@ -230,6 +280,9 @@ def test_resume_is_bit_exact(reasoning_data, tmp_path):
     assert a["iter_num"] == b["iter_num"] == 16
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    assert set(a["optimizer"]) == ({"muon", "adamw"} if optimizer else {"state", "param_groups"})
+    state_a, state_b = flat_tensors(a["optimizer"]), flat_tensors(b["optimizer"])
+    assert len(state_a) == len(state_b) > 0 and all(torch.equal(x, y) for x, y in zip(state_a, state_b))
 
 
 def test_sigkill_leaves_a_checkpoint_that_loads_and_resumes(reasoning_data, tmp_path):
