@@ -2,7 +2,7 @@
 What the scripts share, in one flat file, so that no script ever imports another.
 
     errors      UserError: a mistake the user can fix, in one line; run_main turns it into `name: error: …`
-    device      resolve_device, amp_dtype, autocast, inference_dtype, peak_flops
+    device      resolve_device, amp_dtype (cpu_auto_dtype: measured), autocast, inference_dtype, peak_flops
     files       save_json, save_checkpoint, load_checkpoint, find_checkpoint, load_tokenizer
     data        load_data (meta.json and the token bins as TokenFiles: read, never mapped), get_batch (windows ->
                 inputs and masked targets)
@@ -70,8 +70,9 @@ def resolve_device(name="auto"):
 
 def amp_dtype(device_type, dtype="auto"):
     """The autocast dtype, or None for plain fp32. 'auto': bf16 on GPUs that have it, else fp16 (train
-    with a GradScaler); bf16 on CPUs with native bf16 (AVX512-BF16 or AMX), else fp32. Never fp16 on a
-    CPU: it is emulated there, orders of magnitude slower than fp32. MPS stays fp32 unless asked."""
+    with a GradScaler); on a CPU bf16 where its matmuls measure faster than fp32's (cpu_auto_dtype), else
+    fp32. Never fp16 on a CPU: it is emulated there, orders of magnitude slower than fp32. MPS stays fp32
+    unless asked."""
     if dtype != "auto":
         if dtype not in DTYPES:
             raise UserError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
@@ -82,10 +83,43 @@ def amp_dtype(device_type, dtype="auto"):
         return None if dtype == "float32" else DTYPES[dtype]
     if device_type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device_type == "cpu" and (getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-                                 or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()):
-        return torch.bfloat16
+    if device_type == "cpu":
+        return cpu_auto_dtype()[0]
     return None
+
+
+_MATMUL_GFLOPS = {}  # thread count -> measured speeds: measured once per process
+
+
+def cpu_matmul_gflops(n=1024, reps=3):
+    """This CPU's matmul speed with the current thread count, {"float32": GFLOP/s, "bfloat16": GFLOP/s}: the
+    best of a few n x n products each, after a warm-up (well under a second where bf16 is native). Random
+    numbers come from a generator of its own, so measuring never shifts a seeded run."""
+    threads = torch.get_num_threads()
+    if threads not in _MATMUL_GFLOPS:
+        a, b = torch.randn(2, n, n, generator=torch.Generator().manual_seed(0))
+        speed = {}
+        for name in ("float32", "bfloat16"):
+            x, y = a.to(DTYPES[name]), b.to(DTYPES[name])
+            seconds = []
+            for _ in range(reps + 1):  # the first product pays for allocation and packing: dropped
+                t0 = time.perf_counter()
+                x @ y
+                seconds.append(time.perf_counter() - t0)
+            speed[name] = 2 * n ** 3 / min(seconds[1:]) / 1e9
+        _MATMUL_GFLOPS[threads] = speed
+    return _MATMUL_GFLOPS[threads]
+
+
+def cpu_auto_dtype():
+    """dtype=auto on a CPU -> (bf16, or None for fp32; why, in words): bf16 autocast where this CPU multiplies
+    bf16 matrices faster than fp32 ones. Measured rather than read from CPU flags: some CPUs that report
+    AVX512-BF16 run bf16 matmuls slower than fp32 (README, Performance)."""
+    speed = cpu_matmul_gflops()
+    bf16, fp32 = speed["bfloat16"], speed["float32"]
+    choice = torch.bfloat16 if bf16 > fp32 else None
+    return choice, (f"{'bfloat16' if choice else 'float32'} (bf16 matmul {bf16:.0f} GFLOP/s vs fp32 {fp32:.0f} "
+                    f"on this CPU, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})")
 
 
 def autocast(device_type, dtype):

@@ -30,9 +30,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import configurator
-from common import (DTYPES, MetricsLog, StopFlag, UserError, amp_dtype, autocast, configure_optimizer, get_batch,
-                    load_checkpoint, load_data, peak_flops, random_starts, resolve_device, run_main, save_checkpoint,
-                    set_lr, start_wandb, to_device)
+from common import (DTYPES, MetricsLog, StopFlag, UserError, amp_dtype, autocast, configure_optimizer,
+                    cpu_auto_dtype, get_batch, load_checkpoint, load_data, peak_flops, random_starts, resolve_device,
+                    run_main, save_checkpoint, set_lr, start_wandb, to_device)
 from model import Forge, ModelConfig
 
 # ----------------------------------------------------------------------------- defaults
@@ -82,8 +82,8 @@ seq_curriculum = []      # [(from_iter, block_size, batch_size), ...]: shorter w
 max_nonfinite = 5        # stop after this many non-finite losses / gradients in a row
 # system
 device = "auto"          # auto | cpu | cuda | mps (torchrun: the local GPU)
-dtype = "auto"           # auto | float32 | bfloat16 | float16 (auto: bf16 where fast, fp16 on older GPUs)
-compile = "auto"         # auto | True | False (auto: on for CUDA and for CPUs with native bf16)
+dtype = "auto"           # auto | float32 | bfloat16 | float16 (auto: measured on CPUs; bf16, or fp16 on old GPUs)
+compile = "auto"         # auto | True | False (auto: on for CUDA, and on CPUs where dtype=auto chose bf16)
 seed = 1337
 
 DEFAULTS = configurator.defaults_of(globals())
@@ -227,9 +227,9 @@ def print_memory_estimate(mem, batch_size, block_size, ptdtype, mc, device):
 
 
 def choose_compile(cfg, device_type, ptdtype):
-    """compile=auto: on where it pays. CUDA: always. CPU: with bf16 autocast only, where compiled steps are
-    faster than eager by enough to repay the compile time (cold start and the evaluation graph); in fp32
-    the gain is too small. MPS: off (Inductor's Metal backend is experimental)."""
+    """compile=auto: on where it pays. CUDA: always. CPU: with bf16 autocast only (set, or measured faster by
+    dtype=auto), where compiled steps are faster than eager by enough to repay the compile time (cold start
+    and the evaluation graph); in fp32 the gain is too small. MPS: off (Inductor's Metal backend is experimental)."""
     if cfg.compile == "auto":
         return device_type == "cuda" or (device_type == "cpu" and ptdtype == torch.bfloat16)
     return cfg.compile
@@ -300,6 +300,8 @@ def main(argv):
     else:
         device, rank, local_rank, world = setup_device(cfg)
         ptdtype = amp_dtype(device.split(":")[0], cfg.dtype)
+        if device == "cpu" and cfg.dtype == "auto" and rank == 0:
+            print(f"dtype auto: {cpu_auto_dtype()[1]}")  # measured just now (and kept): the choice and why
     device_type, master = device.split(":")[0], rank == 0
     say = tqdm.write if master else (lambda message: None)
 
@@ -365,6 +367,11 @@ def main(argv):
 
     def next_batch():  # B random windows of T tokens (the current curriculum stage), on the device
         return to_device(get_batch(train_tokens, train_mask, random_starts(train_tokens, B, T), T), device)
+    if use_compile and device_type == "cpu":
+        # Inductor's CPU kernel for the embedding's backward adds token rows with atomic adds from all threads, in
+        # whatever order they land: two identical runs (or a resumed one) end with different weights. Deterministic
+        # mode lowers it to ATen's ordered index_put instead: bit-identical runs, at the cost in README, Performance.
+        torch.use_deterministic_algorithms(True)
     t0 = time.perf_counter()
     model = compile_model(raw_model, next_batch(), ctx) if use_compile else raw_model
     compile_time, use_compile = time.perf_counter() - t0, model is not raw_model

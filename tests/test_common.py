@@ -30,6 +30,27 @@ def test_device_and_dtype_choices_refuse_what_cannot_run_here():
     assert common.amp_dtype("cpu", "float32") is None and common.amp_dtype("cpu", "bfloat16") == torch.bfloat16
 
 
+@pytest.mark.parametrize("bf16, fp32, expected", [(396.0, 156.0, torch.bfloat16), (142.0, 233.0, None)])
+def test_cpu_auto_dtype_follows_the_measured_matmul_speed(monkeypatch, bf16, fp32, expected):
+    """dtype=auto on a CPU picks whichever matmul measured faster (not what the CPU flags promise); an explicit
+    dtype is never measured."""
+    monkeypatch.setattr(common, "cpu_matmul_gflops", lambda: {"float32": fp32, "bfloat16": bf16})
+    choice, reason = common.cpu_auto_dtype()
+    assert choice == expected and common.amp_dtype("cpu") == expected and common.amp_dtype("cpu", "auto") == expected
+    assert reason.startswith(f"{'bfloat16' if expected else 'float32'} (bf16 matmul {bf16:.0f} GFLOP/s vs fp32 "
+                             f"{fp32:.0f} on this CPU")
+    monkeypatch.setattr(common, "cpu_matmul_gflops", lambda: pytest.fail("an explicit dtype was measured"))
+    assert common.amp_dtype("cpu", "float32") is None and common.amp_dtype("cpu", "bfloat16") == torch.bfloat16
+
+
+def test_cpu_matmul_speed_is_measured_once_and_leaves_the_global_rng_alone(monkeypatch):
+    monkeypatch.setattr(common, "_MATMUL_GFLOPS", {})
+    state = torch.get_rng_state()
+    speed = common.cpu_matmul_gflops(n=64, reps=1)
+    assert set(speed) == {"float32", "bfloat16"} and all(v > 0 for v in speed.values())
+    assert common.cpu_matmul_gflops() is speed and torch.equal(torch.get_rng_state(), state)
+
+
 def test_inference_dtype_keeps_small_models_in_fp32_on_a_cpu():
     assert common.inference_dtype("cpu", "auto", 3e6) == torch.float32
     assert common.inference_dtype("cpu", "bfloat16", 3e6) == torch.bfloat16

@@ -173,6 +173,26 @@ def test_curriculum_stages():
         train.settings(["--seq_curriculum=[(10, 64, 4), (0, 32, 8)]"])
 
 
+@pytest.mark.parametrize("bf16, fp32, expected", [(396.0, 156.0, "autocast bfloat16, compile off"),
+                                                   (142.0, 233.0, "float32, compile off")])
+def test_dtype_auto_on_a_cpu_follows_the_measurement_and_says_why(reasoning_data, tmp_path, monkeypatch, capsys,
+                                                                  bf16, fp32, expected):
+    """The measured-faster matmul decides dtype=auto (and with it compile=auto: off in fp32); the run prints the
+    choice and the measurement. An explicit dtype is neither measured nor explained."""
+    monkeypatch.setattr("common.cpu_matmul_gflops", lambda: {"float32": fp32, "bfloat16": bf16})
+    compile_flag = "--compile=False" if expected.startswith("autocast") else "--compile=auto"
+    args = [*TINY, compile_flag, "--device=cpu", "--max_iters=1", f"--data_dir={reasoning_data}",
+            f"--out_dir={tmp_path}"]
+    train.main([*args, "--dtype=auto"])
+    out = capsys.readouterr().out
+    assert f"dtype auto: {expected.split(',')[0].removeprefix('autocast ')} (bf16 matmul {bf16:.0f} GFLOP/s vs " \
+           f"fp32 {fp32:.0f} on this CPU" in out and expected in out
+    monkeypatch.setattr("common.cpu_matmul_gflops", lambda: pytest.fail("an explicit dtype was measured"))
+    train.main([*args, "--dtype=float32"])
+    out = capsys.readouterr().out
+    assert "dtype auto" not in out and "float32, compile off" in out
+
+
 def test_cpu_preset_spells_out_the_defaults():
     preset = configurator.read_config_file(os.path.join(ROOT, "config/cpu_reasoning.py"), train.DEFAULTS, train.CHOICES)
     assert preset and all(train.DEFAULTS[k] == v for k, v in preset.items())
@@ -283,6 +303,24 @@ def test_resume_is_bit_exact(reasoning_data, tmp_path, optimizer):
     assert set(a["optimizer"]) == ({"muon", "adamw"} if optimizer else {"state", "param_groups"})
     state_a, state_b = flat_tensors(a["optimizer"]), flat_tensors(b["optimizer"])
     assert len(state_a) == len(state_b) > 0 and all(torch.equal(x, y) for x, y in zip(state_a, state_b))
+
+
+def test_compiled_runs_are_bit_exact_on_a_cpu(reasoning_data, tmp_path):
+    """compile=True in bf16 on two threads (where Inductor's kernels could race): the same run twice, and the run
+    stopped halfway and resumed, end with the same weights bit for bit."""
+    args = [*TINY, "--compile=True", "--dtype=bfloat16", "--device=cpu", "--eval_interval=100", "--lr_decay_iters=8",
+            f"--data_dir={reasoning_data}"]
+    two_threads = {"OMP_NUM_THREADS": "2"}
+    _, out, _ = run_train(*args, "--max_iters=8", f"--out_dir={tmp_path}/a", env=two_threads)
+    if "torch.compile failed here" in out:
+        pytest.skip("torch.compile does not work on this machine")
+    run_train(*args, "--max_iters=8", f"--out_dir={tmp_path}/b", env=two_threads)
+    run_train(*args, "--max_iters=4", f"--out_dir={tmp_path}/halves", env=two_threads)
+    run_train("--resume", *args, "--max_iters=8", f"--out_dir={tmp_path}/halves", env=two_threads)
+    a = torch.load(f"{tmp_path}/a/ckpt.pt", weights_only=True)["model"]
+    for other in ("b", "halves"):
+        b = torch.load(f"{tmp_path}/{other}/ckpt.pt", weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), other
 
 
 def test_sigkill_leaves_a_checkpoint_that_loads_and_resumes(reasoning_data, tmp_path):
