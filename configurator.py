@@ -15,7 +15,7 @@ import builtins
 import difflib
 import os
 
-from common import UserError
+from common import UserError, load_checkpoint
 
 
 def defaults_of(namespace):
@@ -90,3 +90,27 @@ def check_value(key, value, defaults, choices, where):
         want = f"{', '.join(names[:-1])} or {names[-1]}" if names else f"{type(default).__name__} (like {default!r})"
         raise UserError(f"{key}={value!r} ({where}): expected {want}")
     return value
+
+
+def settings_and_checkpoint(argv, defaults, choices, init_hint):
+    """(settings, checkpoint) of a script that starts from a checkpoint (train.py, rl.py): out_dir/ckpt.pt with
+    resume, else init_from (None when that is empty). defaults < a resumed run's stored settings < config files
+    and --key=value; a resumed run must keep the optimizer whose state the checkpoint holds."""
+    overrides = parse_args(argv, defaults, choices)
+    config = defaults | overrides
+    path = os.path.join(config["out_dir"], "ckpt.pt") if config["resume"] else config["init_from"]
+    if not path:
+        return config, None
+    if not os.path.isfile(path):
+        raise UserError(f"nothing to resume: {path} does not exist (drop --resume to start a new run)"
+                        if config["resume"] else f"init_from={path}: no checkpoint there: {init_hint}")
+    _, ckpt = load_checkpoint(path)  # validated, on the CPU; the script builds its own model from it
+    if config["resume"]:
+        if "optimizer" not in ckpt:
+            raise UserError(f"{path} has no optimizer state: use --init_from={path} instead")
+        config = defaults | {k: v for k, v in ckpt["config"].items() if k in defaults} | overrides
+        trained_with = ckpt["config"].get("optimizer", "adamw")  # checkpoints from before Muon: AdamW
+        if config["optimizer"] != trained_with:
+            raise UserError(f"{path} holds {trained_with} state: resume with --optimizer={trained_with}, or "
+                            f"start {config['optimizer']} from its weights with --init_from={path}")
+    return config, ckpt

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import configurator
 from common import (DTYPES, MetricsLog, StopFlag, UserError, amp_dtype, autocast, configure_optimizer, inference_dtype,
-                    load_checkpoint, load_data, load_tokenizer, read_gsm8k, reply_stop_ids, resolve_device, run_main,
+                    load_data, load_tokenizer, read_gsm8k, reply_stop_ids, resolve_device, run_main,
                     save_checkpoint, set_lr)
 from model import Forge, ModelConfig
 from tasks import TASKS, check_answer, difficulty_of, heldout_items, sample_problem
@@ -87,19 +87,10 @@ VALIDATION_SEED = 7  # eval.py scores held-out problems drawn with another seed:
 def settings(argv):
     """(cfg, ckpt): defaults < a resumed run's stored settings < config files and --key=value, and the
     checkpoint to start from (the init checkpoint, or out_dir/ckpt.pt with --resume)."""
-    overrides = configurator.parse_args(argv, DEFAULTS, CHOICES)
-    config = DEFAULTS | overrides
-    path = os.path.join(config["out_dir"], "ckpt.pt") if config["resume"] else config["init_from"]
-    if not os.path.isfile(path):
-        raise UserError(f"nothing to resume: {path} does not exist (drop --resume to start a new run)"
-                        if config["resume"] else f"init_from={path}: no checkpoint there: train one first "
-                        "(python prepare.py && python train.py) or pass --init_from=PATH")
-    _, ckpt = load_checkpoint(path)
-    if config["resume"]:
-        config = DEFAULTS | {k: v for k, v in ckpt["config"].items() if k in DEFAULTS} | overrides
-        trained_with = ckpt["config"].get("optimizer", "adamw")  # checkpoints from before Muon: AdamW
-        if config["optimizer"] != trained_with:
-            raise UserError(f"{path} holds {trained_with} state: resume with --optimizer={trained_with}")
+    config, ckpt = configurator.settings_and_checkpoint(
+        argv, DEFAULTS, CHOICES, "train one first (python prepare.py && python train.py) or pass --init_from=PATH")
+    if ckpt is None:
+        raise UserError("init_from is empty: rl.py improves a trained checkpoint (default out/best.pt)")
     config["data_dir"] = config["data_dir"] or ckpt.get("config", {}).get("data_dir", "")
     cfg = SimpleNamespace(**config)
     for key in ("max_iters", "problems_per_step", "group_size", "max_new_tokens", "eval_interval", "eval_items",

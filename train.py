@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import configurator
 from common import (DTYPES, MetricsLog, StopFlag, UserError, amp_dtype, autocast, configure_optimizer,
-                    cpu_auto_dtype, get_batch, load_checkpoint, load_data, peak_flops, random_starts, resolve_device,
+                    cpu_auto_dtype, get_batch, load_data, peak_flops, random_starts, resolve_device,
                     run_main, save_checkpoint, set_lr, start_wandb, to_device)
 from model import Forge, ModelConfig
 
@@ -99,23 +99,8 @@ def settings(argv):
     """(cfg, ckpt): the run's settings, and the checkpoint it starts from (init_from or resume) or None.
     defaults < a resumed run's stored config < config files and --key=value; the architecture (ARCHITECTURE)
     is the checkpoint's, whatever the settings say."""
-    overrides = configurator.parse_args(argv, DEFAULTS, CHOICES)
-    config = DEFAULTS | overrides
-    path = os.path.join(config["out_dir"], "ckpt.pt") if config["resume"] else config["init_from"]
-    ckpt = None
-    if path:
-        if not os.path.isfile(path):
-            raise UserError(f"nothing to resume: {path} does not exist (drop --resume to start a new run)"
-                            if config["resume"] else f"init_from={path}: no checkpoint there (train one first)")
-        _, ckpt = load_checkpoint(path)  # validated and on the CPU; build_model rebuilds the model for this run
-        if config["resume"]:
-            if "optimizer" not in ckpt:
-                raise UserError(f"{path} has no optimizer state: use --init_from={path} instead")
-            config = DEFAULTS | {k: v for k, v in ckpt["config"].items() if k in DEFAULTS} | overrides
-            trained_with = ckpt["config"].get("optimizer", "adamw")  # checkpoints from before Muon: AdamW
-            if config["optimizer"] != trained_with:
-                raise UserError(f"{path} holds {trained_with} state: resume with --optimizer={trained_with}, or "
-                                f"start {config['optimizer']} from its weights with --init_from={path}")
+    config, ckpt = configurator.settings_and_checkpoint(argv, DEFAULTS, CHOICES, "train one first")
+    if ckpt is not None:
         config |= {k: ckpt["model_args"][k] for k in ARCHITECTURE}
     cfg = SimpleNamespace(**config)
     check_config(cfg)
