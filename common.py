@@ -413,10 +413,7 @@ def generate_reply(model, enc, prompt, sampling, generator=None, on_text=None, i
     that left, the request's time limit)."""
     sp = special_ids(enc)
     stop_ids = reply_stop_ids(enc)
-    # What the prompt already says about the reply: <|think|> (reasoning on), <|no_think|><|assistant|> (off)
-    # or nothing (the model chooses). It is part of the reply for split_thinking.
-    user_end = len(prompt) - 1 - prompt[::-1].index(sp["<|/user|>"])
-    forced = list(prompt[user_end + 1:])
+    forced = forced_reply_start(prompt, enc)
     reply = Reply(part="thinking" if forced[-1:] == [sp["<|think|>"]] else "answer")
     stream = TextStream(enc)
     t0 = time.perf_counter()
@@ -431,8 +428,6 @@ def generate_reply(model, enc, prompt, sampling, generator=None, on_text=None, i
                 reply.part = "thinking"
             elif token_id == sp["<|/think|>"]:
                 reply.part = "answer"
-            elif reply.part == "thinking" and token_id not in stream.special:
-                reply.thinking_tokens += 1
             if text and on_text:
                 on_text(reply, text)
             if should_stop and (finish := should_stop(reply)):
@@ -445,11 +440,50 @@ def generate_reply(model, enc, prompt, sampling, generator=None, on_text=None, i
     if (text := stream.flush()) and on_text:  # the reply ended inside a character
         on_text(reply, text)
     reply.seconds = time.perf_counter() - t0
+    return read_reply(reply, forced, enc, stop_ids)
+
+
+def read_reply(reply, forced, enc, stop_ids):
+    """Fill in reply's thinking, answer and thinking_tokens from its ids and what the prompt forced."""
+    sp, special = special_ids(enc), all_special_ids(enc)
     ended = reply.ids[-1:] and reply.ids[-1] in stop_ids  # not when should_stop ended it on a text token
     ids = forced + (reply.ids[:-1] if ended else reply.ids)  # the stop token may be a <|/user|>
     thinking, reply.answer = split_thinking(ids, enc)
     reply.thinking = thinking if sp["<|think|>"] in ids else None
+    if reply.thinking is not None:
+        start = ids.index(sp["<|think|>"]) + 1
+        end = ids.index(sp["<|/think|>"]) if sp["<|/think|>"] in ids[start:] else len(ids)
+        reply.thinking_tokens = sum(t not in special for t in ids[start:end])
     return reply
+
+
+def forced_reply_start(prompt, enc):
+    """What the prompt already says about the reply: <|think|> (reasoning on), <|no_think|><|assistant|> (off)
+    or nothing (the model chooses): the ids after its last <|/user|>. They are part of the reply."""
+    user_end = len(prompt) - 1 - prompt[::-1].index(special_ids(enc)["<|/user|>"])
+    return list(prompt[user_end + 1:])
+
+
+def generate_replies(model, enc, prompts, sampling, generator=None, batch_size=64):
+    """Replies to many prompts (from render_prompt) at once: prompts of equal length share a batch of
+    model.generate_batch, up to batch_size rows. Greedy replies equal generate_reply's; a reply's seconds
+    are its batch's time shared by its rows. For evaluation, where nothing streams."""
+    stop_ids = reply_stop_ids(enc)
+    by_length = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    replies = [None] * len(prompts)
+    for same_length in by_length.values():
+        for k in range(0, len(same_length), batch_size):
+            rows = same_length[k:k + batch_size]
+            t0 = time.perf_counter()
+            ids = model.generate_batch([prompts[i] for i in rows], **sampling, stop_ids=stop_ids, generator=generator)
+            seconds = (time.perf_counter() - t0) / len(rows)
+            for i, reply_ids in zip(rows, ids):
+                finish = "stop" if reply_ids[-1:] and reply_ids[-1] in stop_ids else "length"
+                reply = Reply(ids=reply_ids, seconds=seconds, finish=finish)
+                replies[i] = read_reply(reply, forced_reply_start(prompts[i], enc), enc, stop_ids)
+    return replies
 
 
 # ----------------------------------------------------------------------------- training runs

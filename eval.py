@@ -16,14 +16,13 @@ Decoding is greedy by default, so a report is reproducible.
 import argparse
 import math
 import os
-import sys
 import time
 from dataclasses import asdict
 
 import torch
 
-from common import (UserError, add_model_args, add_sampling_args, checkpoint_path, generate_reply, get_batch,
-                    load_data, load_model, make_generator, read_gsm8k, robust_stdio, run_main, sampling_kwargs,
+from common import (UserError, add_model_args, add_sampling_args, checkpoint_path, generate_replies, generate_reply,
+                    get_batch, load_data, load_model, make_generator, read_gsm8k, robust_stdio, run_main, sampling_kwargs,
                     save_json)
 from tasks import TASKS, check_answer, difficulty_of, heldout_items
 from tokenizer import render_prompt
@@ -80,13 +79,14 @@ def val_loss(model, tokens, mask, batch_size, max_tokens):
 # ----------------------------------------------------------------------------- reasoning score
 
 
-def reasoning_score(model, enc, items, sampling, generator, progress=None):
-    """Answer every item twice, thinking forced on and forced off -> raw counts {task: {mode: tally}}."""
+def reasoning_score(model, enc, items, sampling, generator, batch_size=64):
+    """Answer every item twice, thinking forced on and forced off -> raw counts {task: {mode: tally}}.
+    Prompts of equal length are answered together (common.generate_replies), batch_size at a time."""
     tally = {}
-    progress = sys.stderr.isatty() if progress is None else progress  # a counter, on a terminal only
-    for i, (task, messages, answer) in enumerate(items):
-        for mode in ("on", "off"):
-            reply = generate_reply(model, enc, render_prompt(messages, enc, mode), sampling, generator)
+    for mode in ("on", "off"):
+        prompts = [render_prompt(messages, enc, mode) for _, messages, _ in items]
+        replies = generate_replies(model, enc, prompts, sampling, generator, batch_size)
+        for (task, _, answer), reply in zip(items, replies):
             t = tally.setdefault(task, {}).setdefault(mode, dict.fromkeys(TALLY, 0))
             t["n"] += 1
             t["correct"] += check_answer(task, reply.answer, answer)
@@ -94,10 +94,6 @@ def reasoning_score(model, enc, items, sampling, generator, progress=None):
             t["tokens"] += len(reply.ids)
             t["seconds"] += reply.seconds
             t["cut_off"] += reply.finish != "stop"  # max_new_tokens or the context ran out before the end of turn
-        if progress:
-            print(f"\r  {i + 1}/{len(items)}", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
     return tally
 
 
@@ -184,10 +180,11 @@ def main():
     parser.add_argument("--gsm8k_items", type=int, default=None, help="score only the first N GSM8K records")
     parser.add_argument("--val_tokens", type=int, default=1_000_000, help="score at most this many val tokens")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass for the val loss")
+    parser.add_argument("--gen_batch", type=int, default=64, help="held-out problems answered at once")
     parser.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     args = parser.parse_args()
-    if args.items < 0 or args.val_tokens < 1 or args.batch_size < 1:
-        raise UserError("--items must be >= 0, --val_tokens and --batch_size >= 1")
+    if args.items < 0 or min(args.val_tokens, args.batch_size, args.gen_batch) < 1:
+        raise UserError("--items must be >= 0, --val_tokens, --batch_size and --gen_batch >= 1")
     robust_stdio()
     sampling = sampling_kwargs(args)
     gsm8k = read_gsm8k(args.gsm8k, args.gsm8k_items) if args.gsm8k else None  # a bad file fails before any work
@@ -220,12 +217,12 @@ def main():
         difficulty = difficulty_of(meta)
         items = list(heldout_items(args.items * len(TASKS), difficulty=difficulty))
         print(f"\nreasoning score: {args.items} held-out problems per task, thinking forced on vs forced off")
-        summary = summarize(reasoning_score(model, enc, items, sampling, generator))
+        summary = summarize(reasoning_score(model, enc, items, sampling, generator, args.gen_batch))
         report["reasoning"] = {"difficulty": asdict(difficulty), "tasks": summary}
         print(score_table(summary))
     if gsm8k:
         print(f"\nGSM8K: {len(gsm8k)} problems of {args.gsm8k}, scored on the final number")
-        summary = summarize(reasoning_score(model, enc, gsm8k, sampling, generator))
+        summary = summarize(reasoning_score(model, enc, gsm8k, sampling, generator, args.gen_batch))
         report["gsm8k"] = {"file": args.gsm8k, **summary["gsm8k"]}
         print(score_table(summary))
 

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import configurator
-from common import (DTYPES, MetricsLog, StopFlag, UserError, amp_dtype, autocast, configure_optimizer, inference_dtype,
-                    load_data, load_tokenizer, read_gsm8k, reply_stop_ids, resolve_device, run_main,
+from common import (DTYPES, MetricsLog, StopFlag, UserError, amp_dtype, autocast, configure_optimizer, generate_replies,
+                    inference_dtype, load_data, load_tokenizer, read_gsm8k, reply_stop_ids, resolve_device, run_main,
                     save_checkpoint, set_lr)
 from model import Forge, ModelConfig
 from tasks import TASKS, check_answer, difficulty_of, heldout_items, sample_problem
@@ -189,26 +189,18 @@ def policy_loss(model, prompt, replies, advantages, constant, ctx):
 
 @torch.no_grad()
 def evaluate(model, enc, items, max_new_tokens, ctx):
-    """Greedy answers to held-out items, thinking forced on -> ({task: accuracy}, mean thinking tokens).
-    Items whose prompts have the same length share one batch."""
-    by_length = {}
-    for task, messages, answer in items:
-        prompt = render_prompt(messages, enc, "on")
-        by_length.setdefault(len(prompt), []).append((task, prompt, answer))
-    sp, stop_ids = special_ids(enc), reply_stop_ids(enc)
-    correct, counts, thinking = {}, {}, []
+    """Greedy answers to held-out items, thinking forced on -> ({task: accuracy}, mean thinking tokens)."""
+    prompts = [render_prompt(messages, enc, "on") for _, messages, _ in items]
     model.eval()
     with ctx:
-        for batch in by_length.values():
-            replies = model.generate_batch([p for _, p, _ in batch], max_new_tokens, 0.0, stop_ids=stop_ids)
-            for (task, _, answer), reply in zip(batch, replies):
-                correct[task] = correct.get(task, 0) + reward(task, answer, reply, enc)
-                counts[task] = counts.get(task, 0) + 1
-                end = reply.index(sp["<|/think|>"]) if sp["<|/think|>"] in reply else len(reply)
-                thinking.append(end)
+        replies = generate_replies(model, enc, prompts, dict(max_new_tokens=max_new_tokens, temperature=0.0))
     model.train()
+    correct, counts = {}, {}
+    for (task, _, answer), reply in zip(items, replies):
+        correct[task] = correct.get(task, 0) + reward(task, answer, reply.ids, enc)
+        counts[task] = counts.get(task, 0) + 1
     accuracy = {task: correct[task] / counts[task] for task in counts}
-    return accuracy, sum(thinking) / len(thinking)
+    return accuracy, sum(r.thinking_tokens for r in replies) / len(replies)
 
 
 def get_lr(cfg, it):

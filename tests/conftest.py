@@ -63,8 +63,8 @@ def text_ids(s):
 
 class ScriptedModel:
     """Stands in for Forge: generate() replays a fixed list of token ids (or script(prompt)'s) and, like
-    Forge.generate, yields a stop id and then stops. With interrupt_after=k it raises KeyboardInterrupt after
-    k tokens (a Ctrl-C)."""
+    Forge.generate, yields a stop id and then stops; generate_batch does the same for each prompt. With
+    interrupt_after=k it raises KeyboardInterrupt after k tokens (a Ctrl-C)."""
 
     def __init__(self, script, block_size=256, interrupt_after=None):
         self.script, self.interrupt_after = script, interrupt_after
@@ -81,6 +81,10 @@ class ScriptedModel:
             yield token_id
             if token_id in stop_ids:
                 return
+
+    def generate_batch(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
+                       generator=None):
+        return [list(self.generate(p, max_new_tokens, stop_ids=stop_ids)) for p in prompts]
 
 
 @pytest.fixture(scope="session")

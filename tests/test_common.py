@@ -272,3 +272,22 @@ def test_muon_and_adamw_step_as_one_under_a_grad_scaler():
         scaler.step(opt)
         scaler.update()
         assert all(torch.equal(p, b) for p, b in zip(params, before)) and scaler.get_scale() == scale / 2
+
+
+def test_generate_replies_equal_generate_reply_under_greedy_decoding():
+    """Batched replies (prompts grouped by length, several batches) read exactly as one-at-a-time replies:
+    ids, finish, thinking, answer and thinking length, whether the prompt forced thinking on, off or neither."""
+    from conftest import BYTE
+    from tokenizer import render_prompt
+    model = tiny_model(seed=3, random_norms=True)
+    questions = ["What is 1 + 2?", "What is 3 + 4?", "Sort: 5, 2", "Hi", "What is 9 + 9?", "Count the r in rare"]
+    prompts = [render_prompt([{"role": "user", "content": q}], BYTE, mode)
+               for q in questions for mode in ("on", "off", "auto")]
+    sampling = dict(max_new_tokens=24, temperature=0.0, top_k=None, top_p=None)
+    batched = common.generate_replies(model, BYTE, prompts, sampling, batch_size=2)
+    for prompt, reply in zip(prompts, batched):
+        one = common.generate_reply(model, BYTE, prompt, sampling)
+        assert (reply.ids, reply.finish, reply.thinking, reply.answer, reply.thinking_tokens) == \
+               (one.ids, one.finish, one.thinking, one.answer, one.thinking_tokens)
+    assert {r.finish for r in batched} == {"stop", "length"}  # rows left their batches at different steps
+    assert any(r.thinking is not None for r in batched[2::3])  # the model chose to think where it could

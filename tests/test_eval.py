@@ -80,7 +80,7 @@ ANSWERS = {messages[-1]["content"]: answer for _, messages, answer in ITEMS}
 
 def test_reasoning_score_shows_what_thinking_buys():
     greedy = dict(max_new_tokens=50, temperature=0.0, top_k=None, top_p=None)
-    tally = reasoning_score(ScriptedModel(oracle), BYTE, ITEMS, greedy, None, progress=False)
+    tally = reasoning_score(ScriptedModel(oracle), BYTE, ITEMS, greedy, None)
     summary = summarize(tally)
     assert list(summary) == TASKS + ["all"]
     for task in TASKS:
@@ -140,5 +140,7 @@ def test_eval_errors_are_one_line(trained_run, tmp_path):
     rc, _, err = run_script("eval.py", "--out_dir", trained_run[0], "--data", tmp_path / "nothing")
     assert rc != 0 and "no val.bin" in err and err.strip().count("\n") == 0
     assert err.startswith("eval.py: error: ")
-    rc, _, err = run_script("eval.py", "--items", -1)
-    assert rc == 1 and err.strip() == "eval.py: error: --items must be >= 0, --val_tokens and --batch_size >= 1"
+    for flag, value in (("--items", -1), ("--gen_batch", 0)):
+        rc, _, err = run_script("eval.py", flag, value)
+        assert rc == 1 and err.strip() == ("eval.py: error: --items must be >= 0, --val_tokens, --batch_size and "
+                                           "--gen_batch >= 1")
