@@ -108,8 +108,9 @@ def settings_and_checkpoint(argv, defaults, choices, init_hint):
     if config["resume"]:
         if "optimizer" not in ckpt:
             raise UserError(f"{path} has no optimizer state: use --init_from={path} instead")
-        config = defaults | {k: v for k, v in ckpt["config"].items() if k in defaults} | overrides
         trained_with = ckpt["config"].get("optimizer", "adamw")  # checkpoints from before Muon: AdamW
+        stored = {k: v for k, v in ckpt["config"].items() if k in defaults} | {"optimizer": trained_with}
+        config = defaults | stored | overrides
         if config["optimizer"] != trained_with:
             raise UserError(f"{path} holds {trained_with} state: resume with --optimizer={trained_with}, or "
                             f"start {config['optimizer']} from its weights with --init_from={path}")

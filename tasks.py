@@ -67,16 +67,17 @@ def sub_steps(a, b):
 
 
 def mul_digit_steps(a, d):
-    """a × one digit, right to left with carries:  47*6: 7*6=42, 2 / 4*6+4: 4*6+4=28, 282"""
+    """a × one digit, right to left with carries; a carry is added in a step of its own after the product of
+    the digits (a times-table fact, then a small sum):  47*6: 7*6=42, 2 / 4*6+4: 4*6=24, 24+4=28, 282"""
     lines, carry, done = [], 0, ""
     while True:
-        c = f"+{carry}" if carry else ""
-        head, x, a = f"{a}*{d}{c}", a % 10, a // 10
+        head, x, a = f"{a}*{d}" + (f"+{carry}" if carry else ""), a % 10, a // 10
         p = x * d + carry
+        work = f"{x}*{d}={x * d}, {x * d}+{carry}={p}" if carry else f"{x}*{d}={p}"
         carry, done = p // 10, f"{p % 10}{done}"
         if a == 0:
-            return lines + [f"{head}: {x}*{d}{c}={p}, {int(str(carry) + done)}"]
-        lines.append(f"{head}: {x}*{d}{c}={p}, {done}")
+            return lines + [f"{head}: {work}, {int(str(carry) + done)}"]
+        lines.append(f"{head}: {work}, {done}")
 
 
 def mul_steps(a, b):

@@ -15,6 +15,7 @@ dropout = 0.2
 batch_size = 32
 grad_accum = 1
 max_iters = 3000
+optimizer = "adamw"  # train.py's default Muon is tuned on the CPU demo only; AdamW at this scale
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_iters = 100

@@ -13,6 +13,7 @@ block_size = 256
 batch_size = 2
 grad_accum = 16
 max_iters = 20000
+optimizer = "adamw"  # train.py's default Muon is tuned on the CPU demo only; AdamW at this scale
 learning_rate = 3e-4
 min_lr = 3e-5
 warmup_iters = 400

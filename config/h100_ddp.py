@@ -16,6 +16,7 @@ block_size = 4096
 batch_size = 8
 grad_accum = 1
 max_iters = 40000
+optimizer = "adamw"  # train.py's default Muon is tuned on the CPU demo only; AdamW at this scale
 learning_rate = 6e-4
 min_lr = 6e-5
 warmup_iters = 1000

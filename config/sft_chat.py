@@ -13,6 +13,7 @@ grad_checkpoint = True
 batch_size = 2
 grad_accum = 16
 max_iters = 3000
+optimizer = "adamw"  # train.py's default Muon is tuned on the CPU demo only; AdamW at this scale
 learning_rate = 5e-5
 min_lr = 5e-6
 warmup_iters = 60

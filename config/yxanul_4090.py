@@ -17,6 +17,7 @@ batch_size = 4
 grad_accum = 8
 seq_curriculum = [(0, 512, 8), (5000, 1024, 6), (10000, 1536, 4), (15000, 2048, 4)]
 max_iters = 20000
+optimizer = "adamw"  # train.py's default Muon is tuned on the CPU demo only; AdamW at this scale
 learning_rate = 3e-4
 min_lr = 3e-5
 warmup_iters = 500
