@@ -428,6 +428,8 @@ def generate_reply(model, enc, prompt, sampling, generator=None, on_text=None, i
                 reply.part = "thinking"
             elif token_id == sp["<|/think|>"]:
                 reply.part = "answer"
+            elif reply.part == "thinking" and token_id not in stream.special:
+                reply.thinking_tokens += 1  # counted as it streams: chat.py shows it when the thinking ends
             if text and on_text:
                 on_text(reply, text)
             if should_stop and (finish := should_stop(reply)):

@@ -50,7 +50,7 @@ data_dir = ""              # the prepared data the checkpoint was trained on (it
                            # "": the init checkpoint's own data_dir
 gsm8k = ""                 # a GSM8K-style jsonl ({question, answer "... #### N"}): rewards on its final numbers
 eval_interval = 20         # greedy evaluation on held-out problems every this many steps (and at the end)
-eval_items = 30            # held-out problems per task for that evaluation
+eval_items = 100           # held-out problems per task for that evaluation (answered in batches: seconds)
 ckpt_interval = 20         # save out_dir/ckpt.pt every this many steps (and on exit)
 # reinforcement learning
 max_iters = 80

@@ -18,5 +18,5 @@ muon_lr = 4e-3
 learning_rate = 2e-3
 min_lr = 2e-4
 warmup_iters = 100
-eval_interval = 250
-eval_iters = 20
+eval_interval = 500
+eval_iters = 10
