@@ -22,8 +22,8 @@ from dataclasses import asdict
 import torch
 
 from common import (UserError, add_model_args, add_sampling_args, checkpoint_path, generate_replies, generate_reply,
-                    get_batch, load_data, load_model, make_generator, read_gsm8k, robust_stdio, run_main, sampling_kwargs,
-                    save_json)
+                    get_batch, load_data, load_model, make_generator, read_gsm8k, robust_stdio, run_main,
+                    sampling_kwargs, save_json)
 from tasks import TASKS, check_answer, difficulty_of, heldout_items
 from tokenizer import render_prompt
 

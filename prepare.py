@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm import tqdm
 
-from common import UserError, load_tokenizer, run_main, save_json
+from common import StopFlag, UserError, load_tokenizer, run_main, save_json
 from tasks import Difficulty, sample_problem
 from tokenizer import TOKENIZERS, padded_vocab_size, render_conversation, special_ids
 
@@ -364,10 +364,15 @@ def tokenize_all(sources, enc, writers, args):
     """Every source's documents into the train or val writer; returns per-source statistics."""
     key = args.seed.to_bytes(8, "little", signed=True)
     all_stats = {}
+    # Ctrl-C (or SIGTERM) is acted on between documents: a KeyboardInterrupt raised inside the pool's own locks
+    # (pool.submit) could leave one of them held, and the pool's shutdown would then wait forever.
+    stop = StopFlag()
     with ThreadPoolExecutor(args.num_proc) as pool:
         for src in sources:
             stats = all_stats[src.name] = new_stats()
             for item in encode_in_parallel(documents(src, stats), enc, key, pool, args.num_proc):
+                if stop.signum:
+                    raise KeyboardInterrupt
                 if isinstance(item, ValueError):
                     skip(stats, item)
                     continue

