@@ -452,10 +452,10 @@ def read_reply(reply, forced, enc, stop_ids):
     ids = forced + (reply.ids[:-1] if ended else reply.ids)  # the stop token may be a <|/user|>
     thinking, reply.answer = split_thinking(ids, enc)
     reply.thinking = thinking if sp["<|think|>"] in ids else None
-    if reply.thinking is not None:
-        start = ids.index(sp["<|think|>"]) + 1
-        end = ids.index(sp["<|/think|>"]) if sp["<|/think|>"] in ids[start:] else len(ids)
-        reply.thinking_tokens = sum(t not in special for t in ids[start:end])
+    reply.thinking_tokens, inside = 0, False  # the count generate_reply keeps as it streams, from the ids
+    for t in ids:
+        inside = t == sp["<|think|>"] or (inside and t != sp["<|/think|>"])
+        reply.thinking_tokens += inside and t not in special
     return reply
 
 
