@@ -418,11 +418,16 @@ class Browser:
             os.close(fd)
         self.next_id, self.buffer, self.session, self.messages = 0, b"", None, []
 
-    def call(self, method, timeout=60, **params):
+    def send(self, method, **params):
+        """Send a command without waiting for its answer; returns the command's id."""
         self.next_id += 1
         message = {"id": self.next_id, "method": method, "params": params}
         os.write(self.out, json.dumps(message | ({"sessionId": self.session} if self.session else {})).encode() + b"\0")
-        reply = self.receive(lambda m: m.get("id") == self.next_id, method, timeout)
+        return self.next_id
+
+    def call(self, method, timeout=60, **params):
+        sent = self.send(method, **params)
+        reply = self.receive(lambda m: m.get("id") == sent, method, timeout)
         if "error" in reply:
             raise RuntimeError(f"{method}: {reply['error']}")
         return reply["result"]
@@ -473,8 +478,11 @@ class Browser:
         """Type into the message box and press Enter, as a user does."""
         self.js("document.getElementById('input').focus()")
         self.call("Input.insertText", text=text)
-        for kind in ("keyDown", "keyUp"):
-            self.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13)
+        enter = dict(key="Enter", code="Enter", windowsVirtualKeyCode=13)
+        self.call("Input.dispatchKeyEvent", type="keyDown", **enter)
+        # Not waited for: if the key press opened a dialog (the page asking for an API key), Chromium answers
+        # the key-up only once the dialog is closed.
+        self.send("Input.dispatchKeyEvent", type="keyUp", **enter)
 
     def screenshot(self):
         return base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
