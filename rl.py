@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 import configurator
 from common import (DTYPES, MetricsLog, StopFlag, UserError, amp_dtype, autocast, configure_optimizer, generate_replies,
-                    inference_dtype, load_data, load_tokenizer, read_gsm8k, reply_stop_ids, resolve_device, run_main,
-                    save_checkpoint, set_lr)
+                    get_batch, inference_dtype, load_data, load_tokenizer, random_starts, read_gsm8k, reply_stop_ids,
+                    resolve_device, run_main, save_checkpoint, set_lr, to_device)
 from model import Forge, ModelConfig
 from tasks import TASKS, check_answer, difficulty_of, heldout_items, sample_problem
 from tokenizer import render_prompt, special_ids, split_thinking
@@ -61,6 +61,8 @@ temperature = 1.0          # sampling temperature of the replies (exploration)
 top_k = 0                  # 0: no top-k filter
 top_p = 1.0                # 1.0: no nucleus filter
 task_floor = 0.1           # every task keeps at least this draw weight, even when it is always right
+screen = 4                 # > 1: draw problems_per_step x screen problems, answer them greedily, and keep those
+                           # answered wrong first
 # optimization: one on-policy update per batch of replies
 optimizer = "adamw"        # adamw | muon, as in train.py (a fresh optimizer, whatever the init checkpoint used)
 learning_rate = 1e-4       # 5% of train.py's peak: the policy is already good, keep it close
@@ -72,6 +74,8 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
 grad_checkpoint = False    # recompute activations in backward: less memory for long replies on small GPUs
+sft_coef = 0.3             # > 0: also learn this times the supervised loss on a batch of data_dir's training data
+sft_batch_size = 16        # windows of the init checkpoint's block_size per step for that loss
 # system
 device = "auto"
 dtype = "auto"             # as train.py: auto | float32 | bfloat16 | float16
@@ -93,14 +97,19 @@ def settings(argv):
         raise UserError("init_from is empty: rl.py improves a trained checkpoint (default out/best.pt)")
     config["data_dir"] = config["data_dir"] or ckpt.get("config", {}).get("data_dir", "")
     cfg = SimpleNamespace(**config)
-    for key in ("max_iters", "problems_per_step", "group_size", "max_new_tokens", "eval_interval", "eval_items",
-                "ckpt_interval"):
+    for key in ("max_iters", "problems_per_step", "screen", "group_size", "max_new_tokens", "eval_interval",
+                "eval_items", "ckpt_interval"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{key}={getattr(cfg, key)} must be at least 1")
     if cfg.group_size < 2:
         raise UserError("group_size must be at least 2: the baseline of a reply is its group's mean reward")
     if not 0 < cfg.top_p <= 1 or cfg.top_k < 0 or cfg.temperature <= 0 or cfg.learning_rate < 0 or cfg.muon_lr < 0:
         raise UserError("temperature must be > 0, top_p in (0, 1], top_k >= 0, learning_rate and muon_lr >= 0")
+    if cfg.sft_coef < 0 or cfg.sft_batch_size < 1:
+        raise UserError("sft_coef must be >= 0 and sft_batch_size at least 1")
+    if cfg.sft_coef and not cfg.data_dir:
+        raise UserError("sft_coef > 0 mixes in the supervised loss on prepared data, and the init checkpoint names "
+                        "no data_dir: pass --data_dir=DIR (or --sft_coef=0)")
     if cfg.muon_lr and not cfg.learning_rate:
         raise UserError("muon_lr is a multiple of learning_rate's schedule: set learning_rate > 0 (or muon_lr=0)")
     return cfg, ckpt
@@ -188,19 +197,34 @@ def policy_loss(model, prompt, replies, advantages, constant, ctx):
 
 
 @torch.no_grad()
-def evaluate(model, enc, items, max_new_tokens, ctx):
-    """Greedy answers to held-out items, thinking forced on -> ({task: accuracy}, mean thinking tokens)."""
+def greedy_rewards(model, enc, items, max_new_tokens, ctx):
+    """Greedy answers to (task, messages, answer) items, thinking forced on -> (rewards, replies)."""
     prompts = [render_prompt(messages, enc, "on") for _, messages, _ in items]
     model.eval()
     with ctx:
         replies = generate_replies(model, enc, prompts, dict(max_new_tokens=max_new_tokens, temperature=0.0))
     model.train()
+    return [reward(task, answer, r.ids, enc) for (task, _, answer), r in zip(items, replies)], replies
+
+
+def evaluate(model, enc, items, max_new_tokens, ctx):
+    """Greedy answers to held-out items -> ({task: accuracy}, mean thinking tokens)."""
+    rewards, replies = greedy_rewards(model, enc, items, max_new_tokens, ctx)
     correct, counts = {}, {}
-    for (task, _, answer), reply in zip(items, replies):
-        correct[task] = correct.get(task, 0) + reward(task, answer, reply.ids, enc)
+    for (task, _, _), r in zip(items, rewards):
+        correct[task] = correct.get(task, 0) + r
         counts[task] = counts.get(task, 0) + 1
     accuracy = {task: correct[task] / counts[task] for task in counts}
     return accuracy, sum(r.thinking_tokens for r in replies) / len(replies)
+
+
+def screen(model, enc, candidates, n, max_new_tokens, ctx):
+    """n of the candidate problems: those the model answers wrong greedily first, then the others in draw order
+    -> (problems, share of candidates answered wrong). Greedy decoding is how the model is used and scored,
+    and its mistakes are where sampled groups disagree and teach."""
+    rewards, _ = greedy_rewards(model, enc, candidates, max_new_tokens, ctx)
+    order = sorted(range(len(candidates)), key=lambda i: rewards[i])  # stable: wrong (0) first, draw order kept
+    return [candidates[i] for i in order[:n]], 1 - sum(rewards) / len(rewards)
 
 
 def get_lr(cfg, it):
@@ -223,7 +247,8 @@ def main(argv):
     if "<|think|>" not in enc.special_tokens_set or ckpt["model_args"]["vocab_size"] < enc.n_vocab:
         raise UserError(f"the checkpoint's tokenizer ({enc.name}, vocab {ckpt['model_args']['vocab_size']}) has no "
                         "think tokens: RL needs a model trained on the chat format (prepare.py, train.py)")
-    meta = load_data(cfg.data_dir, splits=())[0] if cfg.data_dir and not cfg.gsm8k else {}
+    meta, bins = load_data(cfg.data_dir, splits=("train",) if cfg.sft_coef else ()) if cfg.data_dir else ({}, {})
+    meta = {} if cfg.gsm8k else meta
     problems = Problems(cfg, difficulty_of(meta))
     # Dropout off: the log-probabilities of the update must be those of the policy that sampled the replies.
     model = Forge(ModelConfig(**ckpt["model_args"] | {"dropout": 0.0, "grad_checkpoint": cfg.grad_checkpoint}))
@@ -284,7 +309,11 @@ def main(argv):
         lr = get_lr(cfg, iter_num)
         set_lr(optimizer, lr)
         t0 = time.perf_counter()
-        batch = problems.draw(cfg.problems_per_step, rng, cfg.task_floor)
+        batch = problems.draw(cfg.problems_per_step * cfg.screen, rng, cfg.task_floor)
+        screened = {}
+        if cfg.screen > 1:
+            batch, wrong = screen(model, enc, batch, cfg.problems_per_step, cfg.max_new_tokens, sample_ctx)
+            screened = {"greedy_wrong_share": wrong}
         groups = sample_groups(model, enc, batch, cfg, sample_ctx, generator)
         sample_seconds = time.perf_counter() - t0
 
@@ -304,6 +333,16 @@ def main(argv):
             scaler.scale(loss).backward()
             loss_total += loss.item()
         problems.update(task_rewards)
+        sft = {}
+        if cfg.sft_coef:
+            tokens, mask = bins["train"]
+            T = model.config.block_size
+            starts = random_starts(tokens, cfg.sft_batch_size, T, torch.Generator().manual_seed(cfg.seed + iter_num))
+            x, y = to_device(get_batch(tokens, mask, starts, T), device)
+            with ctx:
+                _, sft_loss = model(x, y)
+            scaler.scale(cfg.sft_coef * sft_loss).backward()
+            sft = {"sft_loss": sft_loss.item()}
         scaler.unscale_(optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
         if math.isfinite(grad_norm) or scaler.is_enabled():  # a non-finite gradient skips the update
@@ -312,7 +351,7 @@ def main(argv):
         optimizer.zero_grad(set_to_none=True)
 
         all_rewards = [r for rs in task_rewards.values() for r in rs]
-        log.write(iter=iter_num, reward=sum(all_rewards) / len(all_rewards), loss=loss_total, lr=lr,
+        log.write(iter=iter_num, reward=sum(all_rewards) / len(all_rewards), loss=loss_total, **sft, **screened, lr=lr,
                   grad_norm=grad_norm, zero_variance_share=flat / len(groups), reply_tokens=sum(lengths) / len(lengths),
                   sampling_tokens_per_s=sum(lengths) / sample_seconds, step_seconds=time.perf_counter() - t0,
                   **{f"reward_{t}": sum(rs) / len(rs) for t, rs in task_rewards.items()},

@@ -71,7 +71,7 @@ def test_policy_loss_scores_only_reply_tokens():
 
 ARGS = ["--max_iters=4", "--eval_interval=2", "--ckpt_interval=2", "--eval_items=1", "--problems_per_step=2",
         "--group_size=4", "--max_new_tokens=12", "--learning_rate=1e-2", "--warmup_iters=0", "--device=cpu",
-        "--dtype=float32"]
+        "--dtype=float32", "--screen=1", "--sft_coef=0"]
 
 
 class StopAfter:
@@ -86,14 +86,15 @@ class StopAfter:
         return signal.SIGINT if self.checks > self.n else 0
 
 
-def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch, reasoning_data):
     # an untrained model never answers right: reward replies by their length, so every step updates the weights
     monkeypatch.setattr(rl, "reward", lambda task, answer, reply, enc: float(len(reply) % 2))
     init = write_checkpoint(tiny_model(seed=2), tmp_path / "init.pt")
-    rl.main([f"--init_from={init}", f"--out_dir={tmp_path}/straight", *ARGS])
+    args = [*ARGS, "--screen=2", "--sft_coef=0.5", "--sft_batch_size=2", f"--data_dir={reasoning_data}"]
+    rl.main([f"--init_from={init}", f"--out_dir={tmp_path}/straight", *args])
     monkeypatch.setattr(rl, "StopFlag", lambda: StopAfter(2))
     with pytest.raises(SystemExit) as e:
-        rl.main([f"--init_from={init}", f"--out_dir={tmp_path}/resumed", *ARGS])
+        rl.main([f"--init_from={init}", f"--out_dir={tmp_path}/resumed", *args])
     assert e.value.code == 128 + signal.SIGINT
     assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["iter_num"] == 2
     monkeypatch.setattr(rl, "StopFlag", lambda: StopAfter(10 ** 9))
@@ -111,7 +112,27 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, monk
     steps = [m["iter"] for m in metrics if "reward" in m]
     assert steps == [0, 1, 2, 3]  # the interrupted run's log continues without gaps or repeats
     assert {m["iter"] for m in metrics if "heldout_accuracy" in m} == {0, 2, 4}
-    assert all(0 <= m["zero_variance_share"] <= 1 and m["sampling_tokens_per_s"] > 0 for m in metrics if "reward" in m)
+    assert all(0 <= m["zero_variance_share"] <= 1 and m["sampling_tokens_per_s"] > 0 and m["sft_loss"] > 0
+               and 0 <= m["greedy_wrong_share"] <= 1 for m in metrics if "reward" in m)
+
+
+def test_sft_coef_mixes_in_the_supervised_loss(tmp_path, monkeypatch, reasoning_data):
+    """With every reply scored the same there is no policy gradient: the weights move only with sft_coef > 0,
+    and then the supervised loss on the prepared data falls (from ln 320 = 5.8 at the start)."""
+    monkeypatch.setattr(rl, "reward", lambda task, answer, reply, enc: 0.0)
+    init = write_checkpoint(tiny_model(seed=5), tmp_path / "init.pt")
+    weights = {}
+    for coef in (0, 1):
+        rl.main([f"--init_from={init}", f"--out_dir={tmp_path}/{coef}", *ARGS, f"--data_dir={reasoning_data}",
+                 f"--sft_coef={coef}", "--sft_batch_size=4", "--max_iters=6", "--eval_interval=6"])
+        weights[coef] = torch.load(tmp_path / str(coef) / "ckpt.pt", weights_only=True)["model"]
+        metrics = [json.loads(line) for line in open(tmp_path / str(coef) / "metrics.jsonl")]
+        losses = [m["sft_loss"] for m in metrics if "sft_loss" in m]
+        assert all(m["zero_variance_share"] == 1 for m in metrics if "reward" in m)
+    start = torch.load(init, weights_only=True)["model"]
+    assert all(torch.equal(start[k], weights[0][k]) for k in start)  # nothing to learn from equal rewards
+    assert not all(torch.equal(start[k], weights[1][k]) for k in start)
+    assert len(losses) == 6 and losses[-1] < 0.75 * losses[0], losses
 
 
 def test_ctrl_c_saves_and_exits_130(tmp_path):
@@ -142,10 +163,11 @@ def run_rl(*args):
     ("empty jsonl", "holds no GSM8K records"),
     ("malformed jsonl", ":2 is not a GSM8K record"),
     ("bad setting", "unknown setting 'group_sise'"),
+    ("sft without data", "names no data_dir: pass --data_dir=DIR"),
 ])
 def test_bad_inputs_are_one_line_errors(tmp_path, case, message):
     init = write_checkpoint(tiny_model(), tmp_path / "init.pt")
-    args = [f"--init_from={init}", f"--out_dir={tmp_path}/out"]
+    args = [f"--init_from={init}", f"--out_dir={tmp_path}/out", "--sft_coef=0"]
     if case == "missing":
         args = [f"--init_from={tmp_path}/nothing.pt"]
     elif case == "no think tokens":  # a model of raw bytes: its vocabulary has no room for the chat tokens
@@ -156,6 +178,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, case, message):
     elif case == "malformed jsonl":
         (tmp_path / "g.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "x"}\n')
         args.append(f"--gsm8k={tmp_path}/g.jsonl")
+    elif case == "sft without data":  # the init checkpoint names no data_dir for the supervised mix-in
+        args[-1] = "--sft_coef=0.5"
     else:
         args.append("--group_sise=4")
     code, err = run_rl(*args)
