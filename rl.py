@@ -8,15 +8,18 @@ check out are rewarded, and the policy is pushed toward them (GRPO-style: a grou
     python rl.py config/rl_gsm8k_nano.py            # GSM8K final-number rewards for a fine-tuned Forge-1 Nano (GPU)
 
 Every step draws problems_per_step problems from the training side of tasks.py (never the held-out problems
-eval.py scores), more often from the tasks the model fails most; samples group_size replies to each with
-thinking forced on; rewards a reply 1 when the answer after <|/think|> checks out and 0 otherwise (wrong,
-cut off, or no answer after the thinking); and takes one optimizer step on
+eval.py scores), more often from the tasks the model fails most, and first those it answers wrong greedily
+(of screen times as many candidates); samples group_size replies to each with thinking forced on; rewards a
+reply 1 when the answer after <|/think|> checks out and 0 otherwise (wrong, cut off, or no answer after the
+thinking); and takes one optimizer step on
 
     loss = -sum over replies and their tokens of (reward - mean reward of its group) * log p(token) / constant
 
 The constant (problems x group x max_new_tokens) does not depend on the replies' lengths: dividing each
 reply by its own length would make a long wrong reply cost less per token than a short one. Groups whose
 replies all scored the same have no advantage anywhere and teach nothing; they are skipped (and logged).
+With sft_coef > 0 the step also learns sft_coef x the supervised loss on a batch of the training data, which
+keeps the policy on the traces it was trained on (InstructGPT's PPO-ptx).
 Every eval_interval steps the model answers held-out problems greedily; best.pt keeps the best accuracy.
 Checkpoints have train.py's format, so sample.py, chat.py, eval.py and export.py read out_dir as they read out/.
 """
@@ -49,7 +52,7 @@ resume = False             # continue out_dir/ckpt.pt: same step, optimizer, pas
 data_dir = ""              # the prepared data the checkpoint was trained on (its difficulty, eval.py's val loss);
                            # "": the init checkpoint's own data_dir
 gsm8k = ""                 # a GSM8K-style jsonl ({question, answer "... #### N"}): rewards on its final numbers
-eval_interval = 20         # greedy evaluation on held-out problems every this many steps (and at the end)
+eval_interval = 40         # greedy evaluation on held-out problems every this many steps (and at the end)
 eval_items = 100           # held-out problems per task for that evaluation (answered in batches: seconds)
 ckpt_interval = 20         # save out_dir/ckpt.pt every this many steps (and on exit)
 # reinforcement learning
@@ -247,9 +250,10 @@ def main(argv):
     if "<|think|>" not in enc.special_tokens_set or ckpt["model_args"]["vocab_size"] < enc.n_vocab:
         raise UserError(f"the checkpoint's tokenizer ({enc.name}, vocab {ckpt['model_args']['vocab_size']}) has no "
                         "think tokens: RL needs a model trained on the chat format (prepare.py, train.py)")
-    meta, bins = load_data(cfg.data_dir, splits=("train",) if cfg.sft_coef else ()) if cfg.data_dir else ({}, {})
-    meta = {} if cfg.gsm8k else meta
-    problems = Problems(cfg, difficulty_of(meta))
+    # data_dir gives the built-in tasks' difficulty and the mix-in's training data (GSM8K needs neither)
+    needs_data = cfg.data_dir and (cfg.sft_coef or not cfg.gsm8k)
+    meta, bins = load_data(cfg.data_dir, splits=("train",) if cfg.sft_coef else ()) if needs_data else ({}, {})
+    problems = Problems(cfg, difficulty_of({} if cfg.gsm8k else meta))
     # Dropout off: the log-probabilities of the update must be those of the policy that sampled the replies.
     model = Forge(ModelConfig(**ckpt["model_args"] | {"dropout": 0.0, "grad_checkpoint": cfg.grad_checkpoint}))
     model.load_state_dict(ckpt["model"])
@@ -314,8 +318,9 @@ def main(argv):
         if cfg.screen > 1:
             batch, wrong = screen(model, enc, batch, cfg.problems_per_step, cfg.max_new_tokens, sample_ctx)
             screened = {"greedy_wrong_share": wrong}
+        t_sample = time.perf_counter()
         groups = sample_groups(model, enc, batch, cfg, sample_ctx, generator)
-        sample_seconds = time.perf_counter() - t0
+        sample_seconds = time.perf_counter() - t_sample
 
         # One on-policy update: the replies were sampled by exactly these weights, so the importance ratio of
         # PPO/GRPO is 1 and there is nothing to clip; and since the policy moves once per batch, by a small
@@ -334,7 +339,7 @@ def main(argv):
             loss_total += loss.item()
         problems.update(task_rewards)
         sft = {}
-        if cfg.sft_coef:
+        if cfg.sft_coef:  # the supervised mix-in: train.py's loss on a batch of its data, in the same step
             tokens, mask = bins["train"]
             T = model.config.block_size
             starts = random_starts(tokens, cfg.sft_batch_size, T, torch.Generator().manual_seed(cfg.seed + iter_num))
