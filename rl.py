@@ -52,11 +52,11 @@ resume = False             # continue out_dir/ckpt.pt: same step, optimizer, pas
 data_dir = ""              # the prepared data the checkpoint was trained on (its difficulty, eval.py's val loss);
                            # "": the init checkpoint's own data_dir
 gsm8k = ""                 # a GSM8K-style jsonl ({question, answer "... #### N"}): rewards on its final numbers
-eval_interval = 40         # greedy evaluation on held-out problems every this many steps (and at the end)
+eval_interval = 30         # greedy evaluation on held-out problems every this many steps (and at the end)
 eval_items = 100           # held-out problems per task for that evaluation (answered in batches: seconds)
 ckpt_interval = 20         # save out_dir/ckpt.pt every this many steps (and on exit)
 # reinforcement learning
-max_iters = 80
+max_iters = 60
 problems_per_step = 8
 group_size = 16            # replies per problem: the baseline is their mean; 16 finds a right one where few are
 max_new_tokens = 192
