@@ -1,6 +1,8 @@
 """rl.py: the reward (right 1; wrong, cut off or answered only in the thinking 0), the policy-gradient loss
-learns a rewarded answer, resume after an interruption replays the uninterrupted run bit for bit, Ctrl-C
-saves and exits 130, and bad inputs get one line."""
+learns a rewarded answer, screening puts the greedy mistakes first, the supervised mix-in learns, resume after
+an interruption replays the uninterrupted run bit for bit, Ctrl-C saves and exits 130, and bad inputs get one
+line."""
+import contextlib
 import json
 import os
 import signal
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 import rl
-from conftest import BYTE, ROOT, SP, text_ids, tiny_model, write_checkpoint
+from conftest import BYTE, ROOT, SP, ScriptedModel, text_ids, tiny_model, write_checkpoint
 
 THINK_END, END = SP["<|/think|>"], SP["<|/assistant|>"]
 
@@ -67,6 +69,24 @@ def test_policy_loss_scores_only_reply_tokens():
     logits, _ = model(seq[:, :-1], seq[:, :-1])
     logp = torch.log_softmax(logits.float(), -1)[0, len(prompt) - 1:].gather(-1, seq[0, len(prompt):, None])
     assert loss.item() == pytest.approx(-logp.sum().item(), rel=1e-5)
+
+
+class Scripted(ScriptedModel):
+    """A ScriptedModel with the train/eval switches rl.py calls."""
+    def eval(self):
+        return self
+
+    train = eval
+
+
+def test_screening_keeps_the_problems_answered_wrong_first():
+    """Of the candidates, those the model answers wrong greedily come first, then the others in draw order."""
+    def script(prompt):  # "What is i + 1?" answered right for even i, wrong for odd i
+        i = int(bytes(t for t in prompt if t < 256).decode().split("What is ")[-1].split(" ")[0])
+        return reply(f"{i}+1: {i}+1={i + 1}, {i + 1}", str(i + 1 if i % 2 == 0 else i))
+    candidates = [("add", [{"role": "user", "content": f"What is {i} + 1?"}], str(i + 1)) for i in range(6)]
+    kept, wrong_share = rl.screen(Scripted(script), BYTE, candidates, 4, 64, contextlib.nullcontext())
+    assert [answer for _, _, answer in kept] == ["2", "4", "6", "1"] and wrong_share == 0.5
 
 
 ARGS = ["--max_iters=4", "--eval_interval=2", "--ckpt_interval=2", "--eval_items=1", "--problems_per_step=2",
