@@ -78,7 +78,7 @@ beta2 = 0.95
 grad_clip = 1.0
 grad_checkpoint = False    # recompute activations in backward: less memory for long replies on small GPUs
 sft_coef = 0.3             # > 0: also learn this times the supervised loss on a batch of data_dir's training data
-sft_batch_size = 16        # windows of the init checkpoint's block_size per step for that loss
+sft_batch_size = 32        # windows of the init checkpoint's block_size per step for that loss
 # system
 device = "auto"
 dtype = "auto"             # as train.py: auto | float32 | bfloat16 | float16
