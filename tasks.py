@@ -157,7 +157,9 @@ def task_count(rng, d):
         n += ch == letter  # the letter is restated at every step so the comparison is local
         spelled.append(f"{ch}{'=' if ch == letter else '≠'}{letter} {n}")
     q = rng.choice(["How many times does the letter {} appear in {}?", "How many {}'s are in {}?"]).format(letter, word)
-    return f"count {word} {letter}", q, [", ".join(spelled)], str(n)
+    # The first line, the letter equal to itself, is the pattern every match then repeats: without it the
+    # model gets the first match of a word wrong far more often than the later ones (t≠t 0, ..., t=t 1).
+    return f"count {word} {letter}", q, [f"{letter}={letter}", ", ".join(spelled)], str(n)
 
 
 NAMES = ["Ana", "Ben", "Mia", "Sam", "Leo", "Zoe", "Max", "Ivy", "Tom", "Eva"]

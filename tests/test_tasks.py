@@ -44,13 +44,19 @@ def check_trace(task, question, thinking, answer):
     last = thinking.splitlines()[-1]
     if task in ("add", "sub", "mul", "word"):
         assert last.endswith(f", {answer}"), (question, thinking)
-    elif task == "sort":
-        mins = [int(line.rsplit(" ", 1)[1]) for line in thinking.splitlines()]
-        assert ", ".join(map(str, mins)) == answer
+    elif task == "sort":  # "45, 51, 2, 70: min 2": what is left and its minimum, until nothing is
+        rest, mins = list(solve(question)[1]), []
+        for line in thinking.splitlines():
+            listed, smallest = line.split(": min ")
+            assert listed == ", ".join(map(str, rest)) and int(smallest) == min(rest), (question, line)
+            mins.append(int(smallest))
+            rest.remove(int(smallest))
+        assert ", ".join(map(str, mins)) == answer and not rest
     elif task == "max":
         assert last.endswith(f"-> {answer}")
     elif task == "count":
         word, letter = solve(question)[1]
+        assert thinking.splitlines()[0] == f"{letter}={letter}"  # the pattern a match repeats
         steps = last.split(", ")  # "s≠r 0, t≠r 0, r=r 1, ...": each letter compared, a running count
         assert [s[:4] for s in steps] == [f"{ch}{'=' if ch == letter else '≠'}{letter} " for ch in word]
         assert steps[-1][4:] == answer
