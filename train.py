@@ -67,7 +67,7 @@ grad_accum = 1
 max_iters = 1000
 optimizer = "muon"       # adamw | muon: Muon for the matrices inside the blocks, AdamW for the rest (common.py)
 learning_rate = 2e-3     # peak learning rate (AdamW's)
-muon_lr = 4e-3           # optimizer=muon: the matrices' peak learning rate, on the same schedule; 0: learning_rate
+muon_lr = 3e-3           # optimizer=muon: the matrices' peak learning rate, on the same schedule; 0: learning_rate
 min_lr = 2e-4            # the end of the schedule (Muon's: scaled by muon_lr / learning_rate)
 lr_schedule = "cosine"   # cosine | wsd, both after a linear warmup. cosine: down to min_lr along a cosine. wsd
                          # (warmup-stable-decay): constant, then down to min_lr over the last decay_frac
