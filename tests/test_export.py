@@ -268,9 +268,7 @@ def test_gguf_f32_matches_ours_in_llama_cpp(name, tokenizer, tmp_path):
 @pytest.fixture(scope="module")
 def trained_gguf(reasoning_data, tmp_path_factory):
     """A tiny model trained briefly on the reasoning data, exported to gguf at float32 and q8_0 ->
-    (model, tokenizer, {dtype: path}). AdamW, as when the q8_0 agreement threshold was set: after 300 Muon
-    iterations the greedy tokens agreed for 23/40 prompts though the logits stayed as close (0.089, against 0.065
-    from rounding alone): not yet looked into."""
+    (model, tokenizer, {dtype: path})."""
     out = tmp_path_factory.mktemp("trained_gguf")
     rc, _, err = run_script("train.py", "--n_layer=2", "--n_embd=64", "--n_head=4", "--n_kv_head=2", "--block_size=128",
                             "--batch_size=16", "--max_iters=300", "--eval_interval=300", "--eval_iters=2",
@@ -300,23 +298,34 @@ def test_gguf_q8_0_follows_ours_on_a_trained_model(trained_gguf):
     """q8_0 rounds every weight, and in llama.cpp's matmuls every activation, to 8 bits per block of 32, and its
     KV cache is float16 (llama.cpp's default, kept here). The logits move by about as much as rounding the weights
     alone moves ours (our own model with the q8_0-rounded weights: the reference), so within 3x of that. Greedy
-    tokens follow ours except where the two best logits are closer than that."""
+    tokens follow ours except at near-ties: where a reply parts from ours, our two candidates were closer than
+    two such errors (how often that happens depends on the model: 23-38 of 40 prompts agree for 32 tokens)."""
     model, enc, paths = trained_gguf
     llm = llama_cpp_model(paths["q8_0"], model.config.block_size, type_k=None, type_v=None)
     prompts = [render_prompt(messages, enc) for _, messages, _ in heldout_items(40)]
     ours_greedy = [list(model.generate(p, 32, temperature=0)) for p in prompts]
-    agree = [llama_cpp_greedy(llm, p, 32) == g for p, g in zip(prompts, ours_greedy)]
-
     ids = torch.tensor([prompts[0] + ours_greedy[0]])  # a prompt and the reply the model writes
     with torch.no_grad():
         ours = full_logits(model, ids)[0]
         rounded = full_logits(fake_quantized(model, gguf.GGMLQuantizationType.Q8_0), ids)[0]
     diff = (ours - llama_cpp_logits(llm, ids[0].tolist())).abs().max().item()
-    reference = (ours - rounded).abs().max().item()
-    print(f"q8_0: max |logit diff| {diff:.3f}, from rounding the weights alone {reference:.3f} (logit std "
-          f"{ours.std():.2f}); the same 32 greedy tokens as ours for {sum(agree)}/{len(agree)} prompts")
-    assert diff < 3 * reference
-    assert sum(agree) >= 0.75 * len(agree)
+    bound = 3 * (ours - rounded).abs().max().item()
+    assert diff < bound
+    agree = 0
+    for prompt, greedy in zip(prompts, ours_greedy):
+        theirs = llama_cpp_greedy(llm, prompt, 32)
+        if theirs == greedy:
+            agree += 1
+            continue
+        k = next(i for i, (a, b) in enumerate(zip(greedy, theirs)) if a != b)
+        prefix = prompt + greedy[:k]
+        with torch.no_grad():
+            logits = full_logits(model, torch.tensor([prefix]))[0, -1]
+        assert (logits - llama_cpp_logits(llm, prefix)[-1]).abs().max() < bound
+        assert logits[greedy[k]] - logits[theirs[k]] < 2 * bound, (k, greedy[k], theirs[k])
+    print(f"q8_0: max |logit diff| {diff:.3f}, 3x the rounding of the weights alone {bound:.3f} (logit std "
+          f"{ours.std():.2f}); the same 32 greedy tokens as ours for {agree}/{len(prompts)} prompts")
+    assert agree >= len(prompts) // 2
 
 
 @needs_llama_cpp
