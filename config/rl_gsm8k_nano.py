@@ -20,4 +20,4 @@ eval_items = 200
 ckpt_interval = 25
 grad_checkpoint = True       # a group of 8 replies of up to 512 tokens on a 4 GB card
 screen = 1                   # the CPU demo's greedy screening and supervised mix-in are measured there only
-sft_coef = 0.0               # (and 16 windows of 1,024 tokens would not fit a 4 GB card next to the replies)
+sft_coef = 0.0               # (and 32 windows of 1,024 tokens would not fit a 4 GB card next to the replies)
