@@ -13,8 +13,9 @@ Sections:
   generate  batch 1, greedy: prefill and decode tokens/s at prompt + output lengths of 256/512/1024:
             model.py with its KV cache, model.py recomputing the whole sequence every step (what nanoGPT's
             sample.py does), LlamaForCausalLM.generate with its cache, and (where llama_cpp is importable)
-            llama.cpp on `export.py --format gguf` of the same weights, at f32 and q8_0
-  data      common.get_batch (train.py's batches) from the token files against the batches a training step
+            llama.cpp on `export.py --format gguf` of the same weights, at f32 and q8_0, each in a child
+            process (one that crashes is left out, with a warning)
+  data      data.get_batch (train.py's batches) from the token files against the batches a training step
             consumes, and `python prepare.py FILE` on a generated text of 20 MB, at the rate it reports
   memory    (CUDA) `python train.py config/PRESET.py` for two iterations at each micro-batch shape of each
             GPU preset, on random tokens: the peak memory it logs, against the preset's target card
@@ -26,6 +27,7 @@ alike) and the median is reported. Ratios are ours / peer: above 1 means nanofor
 bench.py imports no other script: it runs export.py, prepare.py and train.py in subprocesses.
 """
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -37,14 +39,18 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from common import (DTYPES, TokenFile, UserError, amp_dtype, autocast, get_batch, random_starts, resolve_device,
-                    run_main, save_checkpoint, save_json)
+from checkpoints import save_checkpoint
+from common import DTYPES, UserError, amp_dtype, autocast, peak_flops, resolve_device, run_main, save_json
+from data import TokenFile, get_batch, random_starts
+from isolate import Child, ChildCrashed
 from model import Forge, ModelConfig
 from tokenizer import GPT2_RANKS_ENV
+from training import configure_optimizer, stage_at
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SECTIONS = ("peak", "train", "generate", "data", "memory")
@@ -115,19 +121,6 @@ def race(contenders, reps, warmup, device):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-_peaks = {}
-
-
-def measure_peak(device, dtype, quick):
-    """FLOP/s of an n x n matmul in dtype, median of several."""
-    if (device, dtype) not in _peaks:
-        n = 1024 if quick else 8192 if device == "cuda" else 2048
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        seconds = race({"mm": lambda: a @ a}, reps=5 if quick else 10, warmup=2, device=device)["mm"]
-        _peaks[device, dtype] = 2 * n ** 3 / seconds
-    return _peaks[device, dtype]
-
-
 def fast_dtypes(device):
     """The dtypes this device computes natively (fp16 on a CPU is emulated, bf16 needs AVX512-BF16 or AMX)."""
     if device == "cuda":
@@ -169,26 +162,39 @@ def llama_peer(ours):
     return peer.train()  # in the mode of a fresh model, as ours is
 
 
+def load_llama_cpp(path, f32_cache, **kwargs):
+    """llama_cpp.Llama(path, **kwargs), made in its child process (see llama_cpp_contenders)."""
+    import llama_cpp
+    kv_type = llama_cpp.GGML_TYPE_F32 if f32_cache else None  # None: llama.cpp's default, float16
+    return llama_cpp.Llama(path, type_k=kv_type, type_v=kv_type, **kwargs)
+
+
 def llama_cpp_contenders(ours, lengths):
-    """{name: llama_cpp.Llama} on `export.py --format gguf` of our weights, at float32 (with a float32 KV cache:
-    the same maths as ours) and at q8_0 (llama.cpp's default float16 KV cache: what its users run); {} when
-    llama-cpp-python is not installed. Same threads as torch; flash attention off, its default for llama-cpp-python."""
-    try:
-        import llama_cpp
-    except ImportError:
+    """{name: a Child holding a llama_cpp.Llama} on `export.py --format gguf` of our weights, at float32 (with a
+    float32 KV cache: the same maths as ours) and at q8_0 (llama.cpp's default float16 KV cache: what its users
+    run); {} when llama-cpp-python is not installed. Same threads as torch; flash attention off, its default for
+    llama-cpp-python. Each runs in a child process, so that a native crash leaves that contender out, not the run."""
+    if importlib.util.find_spec("llama_cpp") is None:
         return {}
     models = {}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "ckpt.pt")
         save_checkpoint({"model": ours.state_dict(), "model_args": asdict(ours.config), "tokenizer": "byte"}, ckpt)
-        for dtype, kv_type in (("float32", llama_cpp.GGML_TYPE_F32), ("q8_0", None)):
+        for dtype in ("float32", "q8_0"):
+            name = f"llama.cpp {dtype.replace('float', 'f')}"
             run_script("export.py", "--format", "gguf", "--dtype", dtype, "--ckpt", ckpt, "--out_dir", tmp)
-            # the whole file is read at load: the temporary folder can go
-            models[f"llama.cpp {dtype.replace('float', 'f')}"] = llama_cpp.Llama(
-                os.path.join(tmp, "model.gguf"), n_ctx=max(lengths), n_threads=torch.get_num_threads(),
-                n_threads_batch=torch.get_num_threads(), type_k=kv_type, type_v=kv_type, use_mmap=False,
-                verbose=False)
+            try:  # the whole file is read at load: the temporary folder can go
+                models[name] = Child(load_llama_cpp, os.path.join(tmp, "model.gguf"), f32_cache=dtype == "float32",
+                                     n_ctx=max(lengths), n_threads=torch.get_num_threads(),
+                                     n_threads_batch=torch.get_num_threads(), use_mmap=False, verbose=False)
+            except ChildCrashed as e:
+                llama_cpp_crashed(name, e)
     return models
+
+
+def llama_cpp_crashed(name, crash):
+    print(f"warning: {name} left out: {crash} (llama.cpp's AMX path segfaults on some Intel CPUs, see "
+          f"docs/export.md)")
 
 
 def build_pair(cfg, device):
@@ -208,7 +214,7 @@ def build_pair(cfg, device):
 # ----------------------------------------------------------------------------- peak and train
 
 def bench_peak(args, plan):
-    return [{"dtype": name, "TFLOP/s": measure_peak(args.device, DTYPES[name], args.quick) / 1e12}
+    return [{"dtype": name, "TFLOP/s": peak_flops(args.device, DTYPES[name]) / 1e12}
             for name in fast_dtypes(args.device)]
 
 
@@ -222,7 +228,7 @@ def train_step(model, optimizer, x, y, ctx, peer):
 
 def bench_train(args, plan):
     rows = []
-    peak = measure_peak(args.device, args.amp or torch.float32, args.quick)
+    peak = peak_flops(args.device, args.amp)
     for size, batch_size, context in plan.train:
         cfg = replace(MODELS[size], block_size=context)
         ours, peer = build_pair(cfg, args.device)
@@ -231,7 +237,7 @@ def bench_train(args, plan):
         steps = {}
         for name, model in (("ours", ours), ("peer", peer)):
             # the same AdamW for both, built by the same code: decay on matrices, the fused kernel
-            opt = Forge.configure_optimizers(model, 0.1, 3e-4, (0.9, 0.95), args.device)
+            opt = configure_optimizer(model, 0.1, 3e-4, (0.9, 0.95), args.device)
             model = torch.compile(model) if args.compile else model
             steps[name] = (lambda m=model, o=opt, p=name == "peer":
                            train_step(m, o, x, y, autocast(args.device, args.amp), p))
@@ -255,15 +261,15 @@ def bench_train(args, plan):
 def run_cached(model, prompt, n):
     """Forge.generate: the prompt fills the KV cache once, then every step feeds one token."""
     ids, clock = [], [time.perf_counter()]
-    for token in model.generate(prompt, n, temperature=0):
-        ids.append(token)
+    for step in model.generate([prompt], n, temperature=0):
+        ids.append(step[0])
         clock.append(time.perf_counter())
     return ids, clock
 
 
 def run_recomputed(model, prompt, n):
     """nanoGPT's sample.py: every step runs the whole sequence again, no cache."""
-    idx = torch.tensor([prompt], device=model.rope_cos.device)
+    idx = torch.tensor([prompt], device=model.device)
     ids, clock = [], [time.perf_counter()]
     with torch.no_grad():
         for _ in range(n):
@@ -301,7 +307,8 @@ def run_peer(peer, prompt, n):
 
 def run_llama_cpp(llm, prompt, n):
     """llama.cpp, greedy, driven at the C API (one llama_decode per token, argmax of its logits) so that
-    little Python runs between steps: the engine's own speed."""
+    little Python runs between steps: the engine's own speed. It runs in the child process that holds llm, the
+    clock too (see run_in_child)."""
     import llama_cpp
     ids, clock = [], [time.perf_counter()]
     llm.reset()
@@ -313,6 +320,15 @@ def run_llama_cpp(llm, prompt, n):
         if i < n - 1:
             llm.eval(ids[-1:])
     return ids, clock
+
+
+def run_in_child(child, prompt, n):
+    """run_llama_cpp in child -> (ids, clock), or None once llama.cpp has crashed there (bench_generate then
+    leaves that contender out)."""
+    try:
+        return child.call(run_llama_cpp, prompt, n)
+    except ChildCrashed:
+        return None
 
 
 def bench_generate(args, plan):
@@ -327,8 +343,8 @@ def bench_generate(args, plan):
                       "ours, recompute": (run_recomputed, ours, max(2, n // 8)),  # a step costs a prefill
                       "peer generate": (run_peer, peer, n)}
         if args.device == "cpu" and args.dtype == "float32":  # llama.cpp's CPU build, with its own dtypes
-            for name, llm in llama_cpp_contenders(ours, plan.lengths).items():
-                contenders[name] = (run_llama_cpp, llm, n)
+            for name, child in llama_cpp_contenders(ours, plan.lengths).items():
+                contenders[name] = (run_in_child, child, n)
         for length in plan.lengths:
             tokens = torch.randint(cfg.vocab_size, (length,), generator=torch.Generator().manual_seed(length)).tolist()
             runs = {name: [] for name in contenders}
@@ -337,6 +353,8 @@ def bench_generate(args, plan):
                 fn, model, steps = contenders[name]
                 return lambda: runs[name].append(fn(model, tokens[:length - steps], steps))
             race({name: runner(name) for name in contenders}, plan.gen_reps, 1, args.device)
+            for name in [name for name in contenders if None in runs[name]]:  # llama.cpp crashed in its child
+                llama_cpp_crashed(name, contenders.pop(name)[1].crash)
             decode = {}
             for name, (_, _, steps) in contenders.items():
                 timed = runs[name][1:]  # the first run was the warm-up
@@ -353,6 +371,9 @@ def bench_generate(args, plan):
                 if name.startswith("llama.cpp"):  # the anchor: ours against the best CPU engine
                     rows[-len(contenders)][f"ours / {name}"] = decode["ours, KV cache"] / decode[name]
                     rows[-len(contenders) + i]["same ids as ours"] = runs[name][0][0] == runs["ours, KV cache"][0][0]
+        for _, model, _ in contenders.values():
+            if isinstance(model, Child):
+                model.close()
         del ours, peer
     return rows
 
@@ -409,7 +430,7 @@ def bench_data(args, plan, train_rows):
                 for _ in range(calls):
                     get_batch(tokens, mask, random_starts(tokens, batch_size, context, gen), context)
             rate = calls / race({"get_batch": batches}, plan.reps, 1, "cpu")["get_batch"]
-            rows.append({"what": f"common.get_batch, batch {batch_size}x{context}", "per second": rate,
+            rows.append({"what": f"data.get_batch, batch {batch_size}x{context}", "per second": rate,
                          "unit": "batches",
                          "vs training step": rate / steps_per_s[size] if size in steps_per_s else None})
         text = os.path.join(tmp, "text.txt")
@@ -435,13 +456,6 @@ def write_random_data(folder, n_tokens=1_000_000):
               os.path.join(folder, "meta.json"))
 
 
-def stage_at(config, it):
-    """(context, batch size) at iteration it, train.py's rule: the last curriculum stage started, else the
-    settings' own."""
-    started = [(t, b) for start, t, b in config["seq_curriculum"] if it >= start]
-    return started[-1] if started else (config["block_size"], config["batch_size"])
-
-
 def preset_memory(path, device):
     """`python train.py PATH` as a user runs it (its dtype, activation checkpointing and compile setting)
     on random GPT-2 tokens, two iterations at each micro-batch shape it trains at (its curriculum stages
@@ -461,8 +475,9 @@ def preset_memory(path, device):
             return max(peaks, default=None), ckpt["config"]
 
         peak, config = run()  # the settings tell the other shapes: each runs as a one-stage curriculum
-        peaks = {stage_at(config, 0): peak}
-        for context, batch_size in {stage_at(config, stage[0]) for stage in config["seq_curriculum"]} - peaks.keys():
+        settings = SimpleNamespace(**config)
+        peaks = {stage_at(settings, 0): peak}
+        for context, batch_size in {stage_at(settings, s[0]) for s in config["seq_curriculum"]} - peaks.keys():
             peaks[context, batch_size] = run(f"--seq_curriculum=[(0, {context}, {batch_size})]")[0]
     return [(b, t, peaks[t, b]) for t, b in sorted(peaks)], config, amp_dtype(device, config["dtype"])
 

@@ -1,8 +1,10 @@
-"""bench.py: the quick run completes and reports finite positive numbers (no timing assertions: CI
-machines are noisy), its peer computes what we compute, and bad flags get a one-line error."""
+"""bench.py: the quick run completes and its numbers are finite, positive and consistent with each other (the
+rates with the times, the ratios with the rates, MFU with the measured peak; no timing assertions: CI machines
+are noisy), its peer computes what we compute, and bad flags get a one-line error."""
 import importlib.util
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -31,16 +33,48 @@ def test_quick_run_reports_finite_positive_numbers(tmp_path):
         values = numbers(results[section])
         assert values and all(math.isfinite(v) and v > 0 for v in values), section
     assert {r["model"] for r in results["train"]} == {"ours", "peer"}
-    assert all(r["ours/peer"] > 0 for r in results["train"] if r["model"] == "ours")
+    check_train_rows(results)
     llama_cpp = {"llama.cpp f32", "llama.cpp q8_0"} if importlib.util.find_spec("llama_cpp") else set()  # anchors
     assert {r["model"] for r in results["generate"]} == {"ours, KV cache", "ours, recompute", "peer generate",
                                                          *llama_cpp}
     # same weights, same prompt, greedy: the peer is the same model, so the comparison is fair
     assert all(r["same ids as peer"] for r in results["generate"] if "same ids as peer" in r)
+    check_generate_rows(results)
     assert any(r["unit"] == "tokens" and "prepare.py" in r["what"] for r in results["data"])
     assert all(r["vs training step"] > 0 for r in results["data"] if r["unit"] == "batches")
     assert "skipped" in results["memory"]  # CUDA only
     assert "### train" in stdout and "ours/peer" in stdout  # the readable table
+
+
+def check_train_rows(results):
+    """tokens/s is the batch over the step time, ours/peer the ratio of the step times, and MFU the model's FLOPs
+    per second over the peak the same run measured (bench.py's only peak: common.peak_flops)."""
+    peaks = {r["dtype"]: r["TFLOP/s"] * 1e12 for r in results["peak"]}
+    peak = peaks[results["env"]["dtype"]]  # the dtype the run resolved
+    steps = {(r["size"], r["batch x context"], r["model"]): r["ms/step"] for r in results["train"]}
+    for r in results["train"]:
+        batch, context = map(int, r["batch x context"].split("x"))
+        assert r["tokens/s"] == pytest.approx(batch * context / (r["ms/step"] / 1e3), rel=1e-9)
+        flops = bench.Forge(replace(bench.MODELS[r["size"]], block_size=context)).flops_per_token(context)
+        assert r["MFU %"] == pytest.approx(100 * flops * r["tokens/s"] / peak, rel=1e-9)
+        if r["model"] == "ours":
+            peer = steps[r["size"], r["batch x context"], "peer"]
+            assert r["ours/peer"] == pytest.approx(peer / r["ms/step"], rel=1e-9)
+
+
+def check_generate_rows(results):
+    """Each length's ratios are those of its rows' decode rates."""
+    by_length = {}
+    for r in results["generate"]:
+        by_length.setdefault((r["size"], r["length"]), {})[r["model"]] = r
+    for rows in by_length.values():
+        for r in rows.values():
+            assert r["decode vs peer"] == pytest.approx(r["decode tok/s"] / rows["peer generate"]["decode tok/s"])
+            assert r["decode vs recompute"] == pytest.approx(
+                r["decode tok/s"] / rows["ours, recompute"]["decode tok/s"])
+        ours = rows["ours, KV cache"]
+        for name in rows.keys() - {"ours, KV cache", "ours, recompute", "peer generate"}:  # llama.cpp
+            assert ours[f"ours / {name}"] == pytest.approx(ours["decode tok/s"] / rows[name]["decode tok/s"])
 
 
 def test_race_alternates_and_takes_medians(monkeypatch):

@@ -1,8 +1,10 @@
 """export.py against references: the hf export loaded by transformers' LlamaForCausalLM gives our logits
 and our greedy tokens, its tokenizer.json gives tiktoken's ids and its chat template our chat format; the gguf
-export run by llama.cpp itself (llama-cpp-python) gives our logits, greedy tokens, token ids and chat prompts;
-and the pt / safetensors exports load back to the very same model."""
+export run by llama.cpp itself (llama-cpp-python, in a child process: a native crash fails only that test) gives
+our logits, greedy tokens, token ids and chat prompts; and the pt / safetensors exports load back to the very
+same model."""
 import copy
+import importlib.util
 import json
 import os
 
@@ -12,20 +14,20 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import export
-from common import load_checkpoint, reply_stop_ids
-from conftest import BYTE, ROOT, needs_gpt2_ranks, run_script, tiny_model, write_checkpoint
+import isolate
+from checkpoints import load_checkpoint
+from replies import reply_stop_ids
+from conftest import BYTE, ROOT, greedy_ids, needs_gpt2_ranks, run_script, tiny_model, write_checkpoint
 from tasks import heldout_items
 from tokenizer import all_special_ids, get_tokenizer, render_conversation, render_prompt
 
-try:
-    import llama_cpp
-except ImportError:  # no wheel is published for this platform: .ci/llama_cpp.sh builds it from source
-    llama_cpp = None
-needs_llama_cpp = pytest.mark.skipif(llama_cpp is None, reason="needs llama-cpp-python, built from source by "
-                                     "`bash .ci/llama_cpp.sh` (CI does it)")
+# No wheel is published for this platform: .ci/llama_cpp.sh builds it from source. It is imported only in the
+# child processes that run llama.cpp (isolate.Child), so that a native crash (a segfault in its AMX path on some
+# Intel CPUs, say), at import too, fails one test and the run goes on.
+needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs "
+                                     "llama-cpp-python, built from source by `bash .ci/llama_cpp.sh` (CI does it)")
 
 TOKENIZERS = ["byte", pytest.param("gpt2", marks=needs_gpt2_ranks)]
 
@@ -58,6 +60,8 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_hf_export_matches_ours_in_transformers(name, tmp_path):
+    # transformers is imported in the tests that use it: every llama.cpp child process imports this file too
+    from transformers import LlamaForCausalLM
     model = tiny_model(random_norms=True, **CONFIGS[name])
     export.export_hf(model, BYTE, str(tmp_path / "hf"))
     hf, info = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, output_loading_info=True)
@@ -73,7 +77,7 @@ def test_hf_export_matches_ours_in_transformers(name, tmp_path):
     assert diff < 1e-4
 
     prompt = idx[0, :8].tolist()
-    greedy = list(model.generate(prompt, 32, temperature=0))
+    greedy = greedy_ids(model, prompt, 32)
     hf.generation_config.eos_token_id = None  # random weights may emit <|eos|>; ours runs without stop ids here
     hf_greedy = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt):].tolist()
     assert len(greedy) == 32 and hf_greedy == greedy
@@ -118,6 +122,7 @@ def exported_tokenizer(request, tmp_path_factory):
 
 
 def test_tokenizer_json_encodes_like_tiktoken(exported_tokenizer):
+    from transformers import PreTrainedTokenizerFast
     enc, folder = exported_tokenizer
     tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
     ids = enc.encode_ordinary(MIXED)
@@ -137,6 +142,7 @@ def test_tokenizer_json_encodes_like_tiktoken(exported_tokenizer):
 
 
 def test_chat_template_renders_our_format(exported_tokenizer):
+    from transformers import AutoTokenizer
     enc, folder = exported_tokenizer
     tok = AutoTokenizer.from_pretrained(folder)
     assert tok.apply_chat_template(CHAT, tokenize=True, return_dict=False) == render_conversation(CHAT, enc)[0]
@@ -164,7 +170,7 @@ def test_saved_tiktoken_files_rebuild_our_encoding(exported_tokenizer):
 
 def test_transformers_generates_a_chat_reply(exported_tokenizer):
     """The README's five lines: AutoTokenizer + AutoModelForCausalLM on the export, then generate."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     enc, folder = exported_tokenizer
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
@@ -215,18 +221,28 @@ def test_gguf_q8_0_keeps_rows_of_other_lengths_in_float16(tmp_path):
     assert types["blk.0.ffn_down.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
 
 
-def llama_cpp_model(path, n_ctx, **kwargs):
-    """llama.cpp on a gguf file as the parity tests run it: every position's logits, one thread, and (unless
-    kwargs say otherwise) a float32 KV cache, where llama.cpp's default is float16."""
-    settings = dict(n_threads=1, n_threads_batch=1, logits_all=True, verbose=False, type_k=llama_cpp.GGML_TYPE_F32,
-                    type_v=llama_cpp.GGML_TYPE_F32)
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, **(settings | kwargs))
+def load_llama_cpp(path, f32_cache=False, **kwargs):
+    """llama_cpp.Llama(path, **kwargs), made in the child (isolate.Child); f32_cache: a float32 KV cache."""
+    import llama_cpp
+    if f32_cache:
+        kwargs |= dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    return llama_cpp.Llama(str(path), **kwargs)
 
+
+def llama_cpp_model(path, n_ctx, f32_cache=True, **kwargs):
+    """llama.cpp on a gguf file as the parity tests run it, in a child process (llm.call(fn, ...) runs fn(the
+    Llama, ...) there): every position's logits, one thread, and (unless f32_cache=False) a float32 KV cache,
+    where llama.cpp's default is float16."""
+    settings = dict(n_threads=1, n_threads_batch=1, logits_all=True, verbose=False)
+    return isolate.Child(load_llama_cpp, path, n_ctx=n_ctx, f32_cache=f32_cache, **(settings | kwargs))
+
+
+# These run in the child, on its Llama, and return plain data.
 
 def llama_cpp_logits(llm, ids):
     llm.reset()
     llm.eval(ids)
-    return torch.from_numpy(llm.scores[:len(ids)].copy())
+    return llm.scores[:len(ids)].copy()
 
 
 def llama_cpp_greedy(llm, prompt, n):
@@ -240,6 +256,11 @@ def llama_cpp_greedy(llm, prompt, n):
     return out
 
 
+def llama_cpp_chat_reply(llm, messages, max_tokens):
+    """llama-cpp-python's greedy chat completion -> its choice: {"message": ..., "finish_reason": ...}."""
+    return llm.create_chat_completion(messages, max_tokens=max_tokens, temperature=0.0)["choices"][0]
+
+
 GGUF_CASES = [pytest.param(name, "byte", id=name) for name in CONFIGS] + [
     pytest.param("gqa-2-theta", "gpt2", id="gpt2-gqa-2-theta", marks=needs_gpt2_ranks),
     pytest.param("gqa-rank16", "gpt2", id="gpt2-gqa-rank16", marks=needs_gpt2_ranks)]
@@ -250,19 +271,21 @@ GGUF_CASES = [pytest.param(name, "byte", id=name) for name in CONFIGS] + [
 def test_gguf_f32_matches_ours_in_llama_cpp(name, tokenizer, tmp_path):
     model = tiny_model(random_norms=True, tokenizer=tokenizer, **CONFIGS[name])
     export.export_gguf(model, get_tokenizer(tokenizer), str(tmp_path / "model.gguf"))
-    llm = llama_cpp_model(tmp_path / "model.gguf", model.config.block_size)
-
     idx = torch.randint(0, model.config.vocab_size, (1, model.config.block_size),
                         generator=torch.Generator().manual_seed(1))
+    prompt = idx[0, :8].tolist()
+    with llama_cpp_model(tmp_path / "model.gguf", model.config.block_size) as llm:
+        theirs = torch.from_numpy(llm.call(llama_cpp_logits, idx[0].tolist()))
+        their_greedy = llm.call(llama_cpp_greedy, prompt, 32)
+
     with torch.no_grad():
         ours = full_logits(model, idx)[0]
-    diff = (ours - llama_cpp_logits(llm, idx[0].tolist())).abs().max().item()
+    diff = (ours - theirs).abs().max().item()
     print(f"{name} ({tokenizer}): max |logit diff| = {diff:.2e} (logit std {ours.std():.2f})")
     assert diff < 1e-4
 
-    prompt = idx[0, :8].tolist()
-    greedy = list(model.generate(prompt, 32, temperature=0))
-    assert len(greedy) == 32 and llama_cpp_greedy(llm, prompt, 32) == greedy
+    greedy = greedy_ids(model, prompt, 32)
+    assert len(greedy) == 32 and their_greedy == greedy
 
 
 @pytest.fixture(scope="module")
@@ -301,28 +324,28 @@ def test_gguf_q8_0_follows_ours_on_a_trained_model(trained_gguf):
     tokens follow ours except at near-ties: where a reply parts from ours, our two candidates were closer than
     two such errors (how often that happens depends on the model: 23-38 of 40 prompts agree for 32 tokens)."""
     model, enc, paths = trained_gguf
-    llm = llama_cpp_model(paths["q8_0"], model.config.block_size, type_k=None, type_v=None)
     prompts = [render_prompt(messages, enc) for _, messages, _ in heldout_items(40)]
-    ours_greedy = [list(model.generate(p, 32, temperature=0)) for p in prompts]
+    ours_greedy = [greedy_ids(model, p, 32) for p in prompts]
     ids = torch.tensor([prompts[0] + ours_greedy[0]])  # a prompt and the reply the model writes
     with torch.no_grad():
         ours = full_logits(model, ids)[0]
         rounded = full_logits(fake_quantized(model, gguf.GGMLQuantizationType.Q8_0), ids)[0]
-    diff = (ours - llama_cpp_logits(llm, ids[0].tolist())).abs().max().item()
-    bound = 3 * (ours - rounded).abs().max().item()
-    assert diff < bound
-    agree = 0
-    for prompt, greedy in zip(prompts, ours_greedy):
-        theirs = llama_cpp_greedy(llm, prompt, 32)
-        if theirs == greedy:
-            agree += 1
-            continue
-        k = next(i for i, (a, b) in enumerate(zip(greedy, theirs)) if a != b)
-        prefix = prompt + greedy[:k]
-        with torch.no_grad():
-            logits = full_logits(model, torch.tensor([prefix]))[0, -1]
-        assert (logits - llama_cpp_logits(llm, prefix)[-1]).abs().max() < bound
-        assert logits[greedy[k]] - logits[theirs[k]] < 2 * bound, (k, greedy[k], theirs[k])
+    with llama_cpp_model(paths["q8_0"], model.config.block_size, f32_cache=False) as llm:
+        diff = (ours - torch.from_numpy(llm.call(llama_cpp_logits, ids[0].tolist()))).abs().max().item()
+        bound = 3 * (ours - rounded).abs().max().item()
+        assert diff < bound
+        agree = 0
+        for prompt, greedy in zip(prompts, ours_greedy):
+            theirs = llm.call(llama_cpp_greedy, prompt, 32)
+            if theirs == greedy:
+                agree += 1
+                continue
+            k = next(i for i, (a, b) in enumerate(zip(greedy, theirs)) if a != b)
+            prefix = prompt + greedy[:k]
+            with torch.no_grad():
+                logits = full_logits(model, torch.tensor([prefix]))[0, -1]
+            assert (logits - torch.from_numpy(llm.call(llama_cpp_logits, prefix)[-1])).abs().max() < bound
+            assert logits[greedy[k]] - logits[theirs[k]] < 2 * bound, (k, greedy[k], theirs[k])
     print(f"q8_0: max |logit diff| {diff:.3f}, 3x the rounding of the weights alone {bound:.3f} (logit std "
           f"{ours.std():.2f}); the same 32 greedy tokens as ours for {agree}/{len(prompts)} prompts")
     assert agree >= len(prompts) // 2
@@ -333,18 +356,18 @@ def test_llama_cpp_chats_in_our_format_and_stops_at_end_of_turn(trained_gguf):
     """llama-cpp-python's chat completion on the gguf (its chat template and end-of-generation tokens) writes
     the reply our greedy generate writes, and stops where ours does: at <|/assistant|>."""
     model, enc, paths = trained_gguf
-    llm = llama_cpp_model(paths["float32"], model.config.block_size, logits_all=False)
     end_of_turn, specials, ended = enc.encode_single_token("<|/assistant|>"), all_special_ids(enc), 0
-    for _, messages, _ in heldout_items(4):
-        prompt = render_prompt(messages, enc)
-        budget = model.config.block_size - len(prompt)
-        ours = list(model.generate(prompt, budget, temperature=0, stop_ids=reply_stop_ids(enc)))
-        reply = llm.create_chat_completion(messages, max_tokens=budget, temperature=0.0)["choices"][0]
-        if ours[-1] in specials - {end_of_turn}:
-            continue  # a weak model opening a turn of its own: chat.py stops there, llama.cpp does not
-        assert reply["message"]["content"] == enc.decode([t for t in ours if t not in specials])
-        assert reply["finish_reason"] == ("stop" if ours[-1] == end_of_turn else "length")
-        ended += ours[-1] == end_of_turn
+    with llama_cpp_model(paths["float32"], model.config.block_size, logits_all=False) as llm:
+        for _, messages, _ in heldout_items(4):
+            prompt = render_prompt(messages, enc)
+            budget = model.config.block_size - len(prompt)
+            ours = greedy_ids(model, prompt, budget, stop_ids=reply_stop_ids(enc))
+            reply = llm.call(llama_cpp_chat_reply, messages, budget)
+            if ours[-1] in specials - {end_of_turn}:
+                continue  # a weak model opening a turn of its own: chat.py stops there, llama.cpp does not
+            assert reply["message"]["content"] == enc.decode([t for t in ours if t not in specials])
+            assert reply["finish_reason"] == ("stop" if ours[-1] == end_of_turn else "length")
+            ended += ours[-1] == end_of_turn
     assert ended  # the trained model ends its turns, and llama.cpp stops there
 
 
@@ -354,7 +377,14 @@ def gguf_tokenizer(request, tmp_path_factory):
     enc = get_tokenizer(request.param)
     path = tmp_path_factory.mktemp(f"gguf_{request.param}") / "model.gguf"
     export.export_gguf(tiny_model(tokenizer=request.param, n_layer=1), enc, str(path))
-    return enc, llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    with isolate.Child(load_llama_cpp, path, vocab_only=True, verbose=False) as llm:
+        yield enc, llm
+
+
+# These run in the child, on its Llama, and return plain data.
+
+def llama_cpp_tokenize(llm, text, add_bos, special=False):
+    return llm.tokenize(text.encode(), add_bos=add_bos, special=special)
 
 
 def llama_cpp_text(llm, ids):
@@ -362,16 +392,35 @@ def llama_cpp_text(llm, ids):
     return b"".join(llm.detokenize([i], special=True) for i in ids).decode("utf-8")
 
 
+def llama_cpp_chat_template(llm):
+    return llm.metadata["tokenizer.chat_template"]
+
+
+def llama_cpp_chat_prompt(llm, messages, reasoning):
+    """The prompt llama-cpp-python's chat completions render with the gguf's template."""
+    import llama_cpp
+    formatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"],
+                                                                eos_token="<|eos|>", bos_token="<|bos|>")
+    return formatter(messages=messages, reasoning=reasoning).prompt
+
+
+def llama_cpp_end_of_generation(llm, ids):
+    """The names in ids ({name: token id}) that llama.cpp's vocabulary ends generation at."""
+    import llama_cpp
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    return {name for name, i in ids.items() if llama_cpp.llama_vocab_is_eog(vocab, i)}
+
+
 @needs_llama_cpp
 def test_gguf_tokenizer_encodes_like_tiktoken(gguf_tokenizer):
     enc, llm = gguf_tokenizer
     ids = enc.encode_ordinary(MIXED)
-    assert llm.tokenize(MIXED.encode(), add_bos=False) == ids
-    assert llama_cpp_text(llm, ids) == MIXED
+    assert llm.call(llama_cpp_tokenize, MIXED, add_bos=False) == ids
+    assert llm.call(llama_cpp_text, ids) == MIXED
 
     chat_ids, _ = render_conversation(CHAT, enc)  # special tokens written in text become control tokens
-    assert llm.tokenize(enc.decode(chat_ids).encode(), add_bos=False, special=True) == chat_ids
-    assert llama_cpp_text(llm, chat_ids) == enc.decode(chat_ids)
+    assert llm.call(llama_cpp_tokenize, enc.decode(chat_ids), add_bos=False, special=True) == chat_ids
+    assert llm.call(llama_cpp_text, chat_ids) == enc.decode(chat_ids)
 
     # Real prose and code, literal "<|think|>" included: without special=True it stays plain text, like ours.
     text = ""
@@ -379,9 +428,10 @@ def test_gguf_tokenizer_encodes_like_tiktoken(gguf_tokenizer):
         with open(os.path.join(ROOT, name), encoding="utf-8") as f:
             text += f.read()
     assert "<|think|>" in text
-    assert llm.tokenize(text.encode(), add_bos=False) == enc.encode_ordinary(text)
+    assert llm.call(llama_cpp_tokenize, text, add_bos=False) == enc.encode_ordinary(text)
     # a plain prompt starts with <|bos|>, as every training document does
-    assert llm.tokenize(b"Hi", add_bos=True) == [enc.encode_single_token("<|bos|>")] + enc.encode_ordinary("Hi")
+    assert llm.call(llama_cpp_tokenize, "Hi", add_bos=True) == [enc.encode_single_token("<|bos|>")] + \
+           enc.encode_ordinary("Hi")
 
 
 @needs_llama_cpp
@@ -389,15 +439,13 @@ def test_gguf_chat_template_and_end_of_generation(gguf_tokenizer):
     """The template in the gguf, rendered by llama-cpp-python as its chat completions do, gives render_prompt's
     ids; generation ends at <|/assistant|> (end of turn) and <|eos|>, at no other token."""
     enc, llm = gguf_tokenizer
-    template = llm.metadata["tokenizer.chat_template"]
-    assert template == export.CHAT_TEMPLATE
-    formatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter(template, eos_token="<|eos|>", bos_token="<|bos|>")
+    assert llm.call(llama_cpp_chat_template) == export.CHAT_TEMPLATE
     history = CHAT[:4]
     for reasoning in ("auto", "on", "off"):
-        prompt = formatter(messages=history, reasoning=reasoning).prompt
-        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == render_prompt(history, enc, reasoning)
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    ends = {t for t in enc.special_tokens_set if llama_cpp.llama_vocab_is_eog(vocab, enc.encode_single_token(t))}
+        prompt = llm.call(llama_cpp_chat_prompt, history, reasoning)
+        assert llm.call(llama_cpp_tokenize, prompt, add_bos=False, special=True) == \
+               render_prompt(history, enc, reasoning)
+    ends = llm.call(llama_cpp_end_of_generation, {t: enc.encode_single_token(t) for t in enc.special_tokens_set})
     assert ends == {"<|/assistant|>", "<|eos|>"} | ({"<|endoftext|>"} & enc.special_tokens_set)
 
 
