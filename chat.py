@@ -9,14 +9,16 @@ Every turn the whole conversation is rendered again in the chat format (tokenize
 streams out of model.generate's KV cache. When the conversation outgrows the context window the
 oldest exchanges are left out (the system prompt stays, tokenizer.fit_to_window). Type /help for the commands.
 
-Replies come from common.generate_reply, the same code eval.py scores the model with.
+Replies come from replies.generate_reply, the same code eval.py scores the model with.
 """
 import argparse
 import sys
 import time
 
-from common import (UserError, add_model_args, add_sampling_args, checkpoint_path, generate_reply, load_model,
-                    make_generator, robust_stdio, run_main, sampling_kwargs, save_json)
+from common import UserError, robust_stdio, run_main, save_json
+from inference import (add_model_args, add_sampling_args, checkpoint_path, load_model, make_generator, prompt_budget,
+                       sampling_kwargs)
+from replies import generate_reply
 from tokenizer import fit_to_window, render_prompt
 
 CONTROL_CHARS = {c: None for c in [*range(32), 127] if chr(c) not in "\n\t"}
@@ -41,7 +43,7 @@ class Chat:
         self.told_dropped = False  # the user is told once that old turns no longer fit
         block_size = model.config.block_size
         # Keep room for a reply: the prompt may use the context minus max_new_tokens (at most half of it).
-        self.max_prompt_tokens = block_size - min(sampling["max_new_tokens"], block_size // 2)
+        self.max_prompt_tokens = prompt_budget(block_size, sampling["max_new_tokens"])
         shortest = render_prompt(self.messages()[:1] + [{"role": "user", "content": ""}], enc, "on")
         if system and len(shortest) > self.max_prompt_tokens:
             raise UserError(f"the system prompt takes {len(shortest)} tokens; the model's context holds "

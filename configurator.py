@@ -15,7 +15,8 @@ import builtins
 import difflib
 import os
 
-from common import UserError, load_checkpoint
+from checkpoints import read_checkpoint
+from common import UserError
 
 
 def defaults_of(namespace):
@@ -92,6 +93,16 @@ def check_value(key, value, defaults, choices, where):
     return value
 
 
+def check_ranges(cfg, at_least_one=(), non_negative=()):
+    """Settings that must be at least 1 (counts, sizes) or not negative (rates, iterations), each one checked."""
+    for key in at_least_one:
+        if getattr(cfg, key) < 1:
+            raise UserError(f"{key}={getattr(cfg, key)} must be at least 1")
+    for key in non_negative:
+        if getattr(cfg, key) < 0:
+            raise UserError(f"{key}={getattr(cfg, key)} must not be negative")
+
+
 def settings_and_checkpoint(argv, defaults, choices, init_hint):
     """(settings, checkpoint) of a script that starts from a checkpoint (train.py, rl.py): out_dir/ckpt.pt with
     resume, else init_from (None when that is empty). defaults < a resumed run's stored settings < config files
@@ -104,7 +115,7 @@ def settings_and_checkpoint(argv, defaults, choices, init_hint):
     if not os.path.isfile(path):
         raise UserError(f"nothing to resume: {path} does not exist (drop --resume to start a new run)"
                         if config["resume"] else f"init_from={path}: no checkpoint there: {init_hint}")
-    _, ckpt = load_checkpoint(path)  # validated, on the CPU; the script builds its own model from it
+    ckpt = read_checkpoint(path)  # on the CPU; the script builds its model from it (checkpoints.build_model)
     if config["resume"]:
         if "optimizer" not in ckpt:
             raise UserError(f"{path} has no optimizer state: use --init_from={path} instead")

@@ -21,13 +21,14 @@ from dataclasses import asdict
 
 import torch
 
-from common import (UserError, add_model_args, add_sampling_args, checkpoint_path, generate_replies, generate_reply,
-                    get_batch, load_data, load_model, make_generator, read_gsm8k, robust_stdio, run_main,
-                    sampling_kwargs, save_json)
-from tasks import TASKS, check_answer, difficulty_of, heldout_items
+from common import UserError, robust_stdio, run_main, save_json
+from data import get_batch, load_data, read_gsm8k
+from inference import add_model_args, add_sampling_args, checkpoint_path, load_model, make_generator, sampling_kwargs
+from replies import generate_replies, generate_reply, is_correct
+from tasks import TASKS, difficulty_of, heldout_items
 from tokenizer import render_prompt
 
-SHOWCASE = [  # the design documents' five, then three that probe the built-in tasks and the model's identity
+SHOWCASE = [  # the seed designs' five prompts, then three that probe the built-in tasks and the model's identity
     "What is 15 * 23?",
     "If a train travels at 60 mph for 2.5 hours, how far does it go?",
     "Write a haiku about programming",
@@ -64,7 +65,7 @@ def val_loss(model, tokens, mask, batch_size, max_tokens):
     n = min(len(tokens) - 1, max_tokens)
     T = min(model.config.block_size, n)
     starts = list(range(0, n - T + 1, T)) if T > 0 else []
-    device = model.rope_cos.device
+    device = model.device
     total, count = 0.0, 0
     for i in range(0, len(starts), batch_size):
         x, y = get_batch(tokens, mask, starts[i:i + batch_size], T)
@@ -81,7 +82,7 @@ def val_loss(model, tokens, mask, batch_size, max_tokens):
 
 def reasoning_score(model, enc, items, sampling, generator, batch_size=64):
     """Answer every item twice, thinking forced on and forced off -> raw counts {task: {mode: tally}}.
-    Prompts of equal length are answered together (common.generate_replies), batch_size at a time."""
+    Prompts of equal length are answered together (replies.generate_replies), batch_size at a time."""
     tally = {}
     for mode in ("on", "off"):
         prompts = [render_prompt(messages, enc, mode) for _, messages, _ in items]
@@ -89,7 +90,7 @@ def reasoning_score(model, enc, items, sampling, generator, batch_size=64):
         for (task, _, answer), reply in zip(items, replies):
             t = tally.setdefault(task, {}).setdefault(mode, dict.fromkeys(TALLY, 0))
             t["n"] += 1
-            t["correct"] += check_answer(task, reply.answer, answer)
+            t["correct"] += is_correct(reply, task, answer)
             t["thinking_tokens"] += reply.thinking_tokens
             t["tokens"] += len(reply.ids)
             t["seconds"] += reply.seconds
@@ -192,7 +193,7 @@ def main():
     generator = make_generator(model, args.seed)
     data_dir = args.data or (ckpt.get("config") or {}).get("data_dir") or os.path.join("data", "reasoning")
     report = {"checkpoint": checkpoint_path(args), "iter_num": ckpt.get("iter_num"), "tokenizer": enc.name,
-              "params": model.num_params()["total"], "device": str(model.rope_cos.device), "sampling": sampling}
+              "params": model.num_params()["total"], "device": str(model.device), "sampling": sampling}
     print(f"{report['checkpoint']}: {report['params'] / 1e6:.2f}M parameters, tokenizer {enc.name}, "
           f"iteration {report['iter_num']}, on {report['device']}")
 

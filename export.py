@@ -33,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-from common import (DTYPES, UserError, find_checkpoint, load_checkpoint, load_tokenizer, model_from, run_main,
-                    save_checkpoint, save_json)
+from checkpoints import build_model, load_checkpoint, load_tokenizer, save_checkpoint
+from common import DTYPES, UserError, run_main, save_json
+from inference import find_checkpoint
 from tokenizer import SPECIAL_TOKENS, read_ranks, special_ids
 
 
@@ -70,7 +71,7 @@ def load_safetensors(path, device="cpu"):
         raise UserError(f"cannot read {path} as safetensors ({type(e).__name__}): truncated or another format")
     if "model_args" not in metadata:
         raise UserError(f"{path} was not written by export.py (no model_args in its metadata)")
-    model = model_from(json.loads(metadata["model_args"]), state_dict, path)
+    model = build_model(json.loads(metadata["model_args"]), state_dict, path)
     return model.to(device).eval(), metadata.get("tokenizer") or None
 
 

@@ -2,7 +2,7 @@
 The Forge transformer: a LLaMA-style decoder in one file, read top to bottom.
 
     config -> RMSNorm -> rotary embeddings -> grouped-query attention -> SwiGLU MLP
-           -> block -> model (+ its FLOPs and training memory) -> generation (KV cache) -> sampling
+           -> block -> model -> generation (one batched loop, KV cache) -> FLOPs and memory -> sampling
 
 Pre-norm blocks, no biases, input and output embeddings tied. The layout and the maths are those of
 Hugging Face's LlamaForCausalLM, so export.py only has to rename tensors.
@@ -194,9 +194,14 @@ class Forge(nn.Module):
             x = F.linear(x, self.emb_proj.weight.t())
         return F.linear(x, self.tok_emb.weight)
 
-    def forward(self, idx, targets=None, cache=None):
-        """idx (B, T) token ids -> (logits, loss). Without targets only the last position's logits
-        are computed (B, 1, V), which is all generation needs. Targets of -1 are ignored."""
+    @property
+    def device(self):
+        return self.rope_cos.device
+
+    def forward(self, idx, targets=None, cache=None, reduction="mean"):
+        """idx (B, T) token ids -> (logits, loss). Without targets only the last position's logits are computed
+        (B, 1, V), which is all generation needs. Targets of -1 are ignored: reduction="mean" averages the loss
+        over the others, "none" returns each position's loss (B, T), 0 where ignored (rl.py's log-probabilities)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -214,76 +219,47 @@ class Forge(nn.Module):
         if targets is None:
             return self.unembed(x[:, -1:, :]), None
         logits = self.unembed(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=reduction)
+        return logits, loss.view(B, T) if reduction == "none" else loss
 
     @torch.inference_mode()  # no_grad without autograd's version counters: faster small-model decoding
-    def generate(self, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
                  generator=None):
-        """Yield new token ids one at a time (batch 1), for streaming. The prompt is run once to fill
-        the KV cache; each later step feeds only the newest token. Stops after a token in stop_ids
-        (which is yielded, so the caller sees why it stopped), after max_new_tokens, or when the
-        context window (block_size) is full: it stops rather than slides, since sliding would
-        re-encode every position. Callers that need more room drop old turns (chat.py)."""
-        idx = torch.as_tensor(prompt, dtype=torch.long, device=self.rope_cos.device).view(1, -1)
-        max_len = min(self.config.block_size, idx.size(1) + max_new_tokens)
-        if idx.size(1) >= max_len:
-            return
-        cache = KVCache(self.config, 1, max_len, idx.device, self._activation_dtype(idx.device.type))
-        for _ in range(max_len - idx.size(1)):
-            logits, _ = self(idx, cache=cache)
-            next_id = int(sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator))
-            yield next_id
-            if next_id in stop_ids:
-                return
-            idx = torch.tensor([[next_id]], device=idx.device)
-
-    @torch.inference_mode()
-    def generate_batch(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
-                       generator=None):
-        """Sample B replies at once from B prompts of equal length, (B, T) ids (such as the G copies of one
-        prompt in a GRPO group, which need no padding) -> B lists of new token ids. Each row stops as in
-        generate: after a stop id (kept as its last token), after max_new_tokens, or at block_size. A
-        finished row leaves the batch with its cache rows, so later steps compute only the live rows."""
-        idx = torch.as_tensor(prompts, dtype=torch.long, device=self.rope_cos.device)
+        """Decode B prompts of equal length together, (B, T) ids (one prompt is a batch of one: [prompt]), and
+        yield after every step {row: new token id} for the rows still generating: callers stream it or collect
+        it. The prompts run once to fill the KV cache; each later step feeds only the newest tokens. A row stops
+        after a token in stop_ids (which is yielded, so the caller sees why it stopped), after max_new_tokens,
+        or when the context window (block_size) is full: it stops rather than slides, since sliding would
+        re-encode every position (chat.py drops old turns instead). A finished row leaves the batch with its
+        cache rows, so later steps compute only the live ones. Rows need no padding: G copies of one prompt (a
+        GRPO group), or prompts grouped by length (replies.generate_replies)."""
+        idx = torch.as_tensor(prompts, dtype=torch.long, device=self.device)
         B, T = idx.shape
-        replies = [[] for _ in range(B)]
         max_len = min(self.config.block_size, T + max_new_tokens)
         if T >= max_len:
-            return replies
+            return
         cache = KVCache(self.config, B, max_len, idx.device, self._activation_dtype(idx.device.type))
-        live = list(range(B))  # the reply each row of the running batch belongs to
+        live = list(range(B))  # the row of the caller's batch that each row of the running batch belongs to
         for _ in range(max_len - T):
             logits, _ = self(idx, cache=cache)
             next_ids = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)
-            keep = []
-            for i, token in enumerate(next_ids.tolist()):  # one device sync per step, as in generate
-                replies[live[i]].append(token)
-                if token not in stop_ids:
-                    keep.append(i)
+            tokens = next_ids.tolist()  # one device sync per step
+            yield dict(zip(live, tokens))
+            keep = [i for i, token in enumerate(tokens) if token not in stop_ids]
             if not keep:
-                break
+                return
             if len(keep) < len(live):
                 rows = torch.tensor(keep, device=idx.device)
                 cache.keep(rows)
                 next_ids, live = next_ids[rows], [live[i] for i in keep]
             idx = next_ids.view(-1, 1)
-        return replies
 
     def _activation_dtype(self, device_type):
         """The dtype of keys and values: autocast's when it is on, else the weights'."""
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
         return self.tok_emb.weight.dtype
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, skip=frozenset()):
-        """AdamW with weight decay on matrices only (not norms). The fused kernel (CUDA and CPU) updates every
-        parameter in one pass instead of a dozen small ones. skip: ids of parameters another optimizer updates
-        (common.configure_optimizer's Muon)."""
-        params = [p for p in self.parameters() if p.requires_grad and id(p) not in skip]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token: 6N for the matmuls (forward + backward) plus attention scores,

@@ -26,16 +26,18 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm import tqdm
 
-from common import StopFlag, UserError, load_tokenizer, run_main, save_json
+from checkpoints import load_tokenizer
+from common import UserError, run_main, save_json
 from tasks import Difficulty, sample_problem
 from tokenizer import TOKENIZERS, padded_vocab_size, render_conversation, special_ids
+from training import StopFlag
 
 
 # ============================================================ the built-in reasoning dataset
 # The problems, their traces and the held-out split are in tasks.py; here is only the mix: how many examples,
 # which tasks how often, small talk, and the share answered without thinking.
 
-REASONING_EXAMPLES = 50_000  # default size: ~3.6M byte tokens, about what the default train.py run sees
+REASONING_EXAMPLES = 50_000  # default size: ~3.8M byte tokens, about what the default train.py run sees
 DIRECT_SHARE = 0.25          # examples answered without thinking (<|no_think|>): eval compares both modes
 TASK_WEIGHTS = {"add": 3, "sub": 3, "mul": 3, "sort": 2, "count": 2, "max": 2, "word": 2, "smalltalk": 1}
 

@@ -23,7 +23,6 @@ keeps the policy on the traces it was trained on (InstructGPT's PPO-ptx).
 Every eval_interval steps the model answers held-out problems greedily; best.pt keeps the best accuracy.
 Checkpoints have train.py's format, so sample.py, chat.py, eval.py and export.py read out_dir as they read out/.
 """
-import math
 import os
 import random
 import sys
@@ -32,16 +31,17 @@ from dataclasses import asdict
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import configurator
-from common import (DTYPES, MetricsLog, StopFlag, UserError, amp_dtype, autocast, configure_optimizer, generate_replies,
-                    get_batch, inference_dtype, load_data, load_tokenizer, random_starts, read_gsm8k, reply_stop_ids,
-                    resolve_device, run_main, save_checkpoint, set_lr, to_device)
-from model import Forge, ModelConfig
-from tasks import TASKS, check_answer, difficulty_of, heldout_items, sample_problem
-from tokenizer import render_prompt, special_ids, split_thinking
+from checkpoints import build_model, load_tokenizer
+from common import DTYPES, UserError, amp_dtype, autocast, inference_dtype, resolve_device
+from data import get_batch, load_data, random_starts, read_gsm8k, to_device
+from replies import generate_replies, is_correct
+from tasks import TASKS, difficulty_of, heldout_items, sample_problem
+from tokenizer import render_prompt
+from training import (MetricsLog, StopFlag, check_optimizer_settings, clip_gradients, exit_if_stopped, make_optimizer,
+                      optimizer_step, run_training, save_run, set_lr)
 
 # ----------------------------------------------------------------------------- defaults
 # Tuned for the default model of `python prepare.py && python train.py` on a 2-core CPU (see README).
@@ -68,7 +68,7 @@ screen = 4                 # > 1: draw problems_per_step x screen problems, answ
                            # answered wrong first
 # optimization: one on-policy update per batch of replies
 optimizer = "adamw"        # adamw | muon, as in train.py (a fresh optimizer, whatever the init checkpoint used)
-learning_rate = 1e-4       # 5% of train.py's peak: the policy is already good, keep it close
+learning_rate = 1e-4       # 1/20 of train.py's AdamW peak (1/30 of Muon's): the policy is already good, keep it close
 muon_lr = 0.0              # optimizer=muon: the matrices' peak learning rate, on the same schedule; 0: learning_rate
 min_lr = 1e-5
 warmup_iters = 5
@@ -100,10 +100,8 @@ def settings(argv):
         raise UserError("init_from is empty: rl.py improves a trained checkpoint (default out/best.pt)")
     config["data_dir"] = config["data_dir"] or ckpt.get("config", {}).get("data_dir", "")
     cfg = SimpleNamespace(**config)
-    for key in ("max_iters", "problems_per_step", "screen", "group_size", "max_new_tokens", "eval_interval",
-                "eval_items", "ckpt_interval"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"{key}={getattr(cfg, key)} must be at least 1")
+    configurator.check_ranges(cfg, at_least_one=("max_iters", "problems_per_step", "screen", "group_size",
+                                                 "max_new_tokens", "eval_interval", "eval_items", "ckpt_interval"))
     if cfg.group_size < 2:
         raise UserError("group_size must be at least 2: the baseline of a reply is its group's mean reward")
     if not 0 < cfg.top_p <= 1 or cfg.top_k < 0 or cfg.temperature <= 0 or cfg.learning_rate < 0 or cfg.muon_lr < 0:
@@ -113,8 +111,7 @@ def settings(argv):
     if cfg.sft_coef and not cfg.data_dir:
         raise UserError("sft_coef > 0 mixes in the supervised loss on prepared data, and the init checkpoint names "
                         "no data_dir: pass --data_dir=DIR (or --sft_coef=0)")
-    if cfg.muon_lr and not cfg.learning_rate:
-        raise UserError("muon_lr is a multiple of learning_rate's schedule: set learning_rate > 0 (or muon_lr=0)")
+    check_optimizer_settings(cfg)
     return cfg, ckpt
 
 
@@ -155,35 +152,31 @@ class Problems:
 
 # ----------------------------------------------------------------------------- sampling and rewards
 
-def reward(task, answer, reply, enc):
-    """1.0 when reply (generated ids after a prompt that forced <|think|>) ended its turn and its answer after
-    <|/think|> checks out, else 0.0: a reply cut off before its end, without <|/think|>, or wrong scores 0."""
-    sp = special_ids(enc)
-    if not reply or reply[-1] not in reply_stop_ids(enc) or sp["<|/think|>"] not in reply:
-        return 0.0
-    _, text = split_thinking([sp["<|think|>"]] + reply[:-1], enc)
-    return float(check_answer(task, text, answer))
+def reward(reply, task, answer):
+    """1.0 for a correct reply (replies.is_correct: it ended its turn and the answer after its thinking checks
+    out), else 0.0: wrong, cut off, or no answer after the thinking."""
+    return float(is_correct(reply, task, answer))
 
 
 def sample_groups(model, enc, problems, cfg, ctx, generator):
-    """group_size replies per problem (thinking forced on) -> [(prompt ids, [reply ids, ...])]. The copies of
-    one prompt have the same length, so each group is one batch without padding."""
-    stop_ids = reply_stop_ids(enc)
+    """group_size replies per problem (thinking forced on) -> [(prompt ids, [Reply, ...])]. The copies of one
+    prompt have the same length, so each group is one batch without padding."""
+    sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                    top_p=cfg.top_p)
     groups = []
     model.eval()
     with ctx:
         for _, messages, _ in problems:
             prompt = render_prompt(messages, enc, "on")
-            replies = model.generate_batch([prompt] * cfg.group_size, cfg.max_new_tokens, cfg.temperature,
-                                           cfg.top_k or None, cfg.top_p, stop_ids, generator)
-            groups.append((prompt, replies))
+            groups.append((prompt, generate_replies(model, enc, [prompt] * cfg.group_size, sampling, generator,
+                                                    batch_size=cfg.group_size)))
     model.train()
     return groups
 
 
 def policy_loss(model, prompt, replies, advantages, constant, ctx):
     """-sum(advantage * log p(token)) / constant over the reply tokens of one group (stop tokens included:
-    ending the turn is learned too). Replies are right-padded; padding is not scored."""
+    ending the turn is learned too). Replies (token id lists) are right-padded; padding is not scored."""
     length = len(prompt) + max(len(r) for r in replies)
     idx = torch.zeros(len(replies), length, dtype=torch.long)
     targets = torch.full((len(replies), length), -1, dtype=torch.long)
@@ -191,12 +184,10 @@ def policy_loss(model, prompt, replies, advantages, constant, ctx):
         seq = torch.tensor(prompt + reply)
         idx[row, :len(seq)] = seq
         targets[row, len(prompt) - 1:len(seq) - 1] = seq[len(prompt):]  # position i predicts token i + 1
-    device = model.rope_cos.device
-    idx, targets = idx[:, :-1].to(device), targets[:, :-1].to(device)
+    idx, targets = idx[:, :-1].to(model.device), targets[:, :-1].to(model.device)
     with ctx:
-        logits, _ = model(idx, targets)  # with targets: the logits of every position
-    logp = -F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-1, reduction="none")
-    return -(torch.tensor(advantages, device=device)[:, None] * logp).sum() / constant
+        _, token_losses = model(idx, targets, reduction="none")  # -log p(token), 0 on padding
+    return (torch.tensor(advantages, device=model.device)[:, None] * token_losses).sum() / constant
 
 
 @torch.no_grad()
@@ -207,7 +198,7 @@ def greedy_rewards(model, enc, items, max_new_tokens, ctx):
     with ctx:
         replies = generate_replies(model, enc, prompts, dict(max_new_tokens=max_new_tokens, temperature=0.0))
     model.train()
-    return [reward(task, answer, r.ids, enc) for (task, _, answer), r in zip(items, replies)], replies
+    return [reward(r, task, answer) for (task, _, answer), r in zip(items, replies)], replies
 
 
 def evaluate(model, enc, items, max_new_tokens, ctx):
@@ -221,7 +212,7 @@ def evaluate(model, enc, items, max_new_tokens, ctx):
     return accuracy, sum(r.thinking_tokens for r in replies) / len(replies)
 
 
-def screen(model, enc, candidates, n, max_new_tokens, ctx):
+def screen_problems(model, enc, candidates, n, max_new_tokens, ctx):
     """n of the candidate problems: those the model answers wrong greedily first, then the others in draw order
     -> (problems, share of candidates answered wrong). Greedy decoding is how the model is used and scored,
     and its mistakes are where sampled groups disagree and teach."""
@@ -238,14 +229,67 @@ def get_lr(cfg, it):
     return cfg.min_lr + (1 - progress) * (cfg.learning_rate - cfg.min_lr)
 
 
+def policy_gradient(model, batch, groups, constant, scaler, ctx):
+    """Backward the policy loss of every group whose rewards differ -> ({task: rewards}, loss, groups skipped).
+    One on-policy update: the replies were sampled by exactly these weights, so the importance ratio of PPO/GRPO
+    is 1 and there is nothing to clip; and since the policy moves once per batch, by a small learning rate, from
+    a model that already answers well, no KL penalty to a reference is needed."""
+    task_rewards, flat, loss_total = {}, 0, 0.0
+    for (task, _, answer), (prompt, replies) in zip(batch, groups):
+        rewards = [reward(r, task, answer) for r in replies]
+        task_rewards.setdefault(task, []).extend(rewards)
+        mean = sum(rewards) / len(rewards)
+        if all(r == mean for r in rewards):  # no advantage anywhere: nothing to learn
+            flat += 1
+            continue
+        loss = policy_loss(model, prompt, [r.ids for r in replies], [r - mean for r in rewards], constant, ctx)
+        scaler.scale(loss).backward()
+        loss_total += loss.item()
+    return task_rewards, loss_total, flat
+
+
+def supervised_mixin(model, bins, cfg, iter_num, scaler, ctx):
+    """Backward sft_coef x train.py's loss on sft_batch_size windows of the training data -> {"sft_loss": loss}."""
+    tokens, mask = bins["train"]
+    T = model.config.block_size
+    starts = random_starts(tokens, cfg.sft_batch_size, T, torch.Generator().manual_seed(cfg.seed + iter_num))
+    x, y = to_device(get_batch(tokens, mask, starts, T), str(model.device))
+    with ctx:
+        _, sft_loss = model(x, y)
+    scaler.scale(cfg.sft_coef * sft_loss).backward()
+    return {"sft_loss": sft_loss.item()}
+
+
+def report_heldout(log, iter_num, accuracy, thinking):
+    """Log and print a held-out evaluation -> the overall accuracy."""
+    overall = sum(accuracy.values()) / len(accuracy)
+    log.write(iter=iter_num, heldout_accuracy=overall, heldout_thinking_tokens=thinking,
+              **{f"heldout_{t}": a for t, a in accuracy.items()})
+    tqdm.write(f"step {iter_num}: held-out accuracy {overall:.1%} ("
+               + ", ".join(f"{t} {a:.0%}" for t, a in accuracy.items()) + f"), thinking {thinking:.0f} tokens")
+    return overall
+
+
+def log_step(log, bar, iter_num, task_rewards, groups, flat, sample_seconds, pass_rates, **metrics):
+    rewards = [r for rs in task_rewards.values() for r in rs]
+    lengths = [len(r.ids) for _, replies in groups for r in replies]
+    log.write(iter=iter_num, reward=sum(rewards) / len(rewards), **metrics, zero_variance_share=flat / len(groups),
+              reply_tokens=sum(lengths) / len(lengths), sampling_tokens_per_s=sum(lengths) / sample_seconds,
+              **{f"reward_{t}": sum(rs) / len(rs) for t, rs in task_rewards.items()},
+              **{f"pass_rate_{t}": p for t, p in pass_rates.items()})
+    bar.set_postfix_str(f"reward {sum(rewards) / len(rewards):.2f} flat {flat}/{len(groups)} "
+                        f"len {sum(lengths) / len(lengths):.0f} {sum(lengths) / sample_seconds:.0f} tok/s",
+                        refresh=False)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def main(argv):
     cfg, ckpt = settings(argv)
     device = resolve_device(cfg.device)
     device_type = device.split(":")[0]
-    ptdtype = amp_dtype(device_type, cfg.dtype)
-    ctx = autocast(device_type, ptdtype)
+    amp = amp_dtype(device_type, cfg.dtype)
+    ctx = autocast(device_type, amp)
     enc = load_tokenizer(ckpt.get("tokenizer", "byte"))
     if "<|think|>" not in enc.special_tokens_set or ckpt["model_args"]["vocab_size"] < enc.n_vocab:
         raise UserError(f"the checkpoint's tokenizer ({enc.name}, vocab {ckpt['model_args']['vocab_size']}) has no "
@@ -255,50 +299,37 @@ def main(argv):
     meta, bins = load_data(cfg.data_dir, splits=("train",) if cfg.sft_coef else ()) if needs_data else ({}, {})
     problems = Problems(cfg, difficulty_of({} if cfg.gsm8k else meta))
     # Dropout off: the log-probabilities of the update must be those of the policy that sampled the replies.
-    model = Forge(ModelConfig(**ckpt["model_args"] | {"dropout": 0.0, "grad_checkpoint": cfg.grad_checkpoint}))
-    model.load_state_dict(ckpt["model"])
-    model.to(device).train()
+    model_args = ckpt["model_args"] | {"dropout": 0.0, "grad_checkpoint": cfg.grad_checkpoint}
+    source = os.path.join(cfg.out_dir, "ckpt.pt") if cfg.resume else cfg.init_from
+    model = build_model(model_args, ckpt["model"], source).to(device).train()
     # Generation runs in the precision sample.py would pick (fp32 for small models on a CPU, where half
     # precision only adds per-op overhead), the update in train.py's.
     sample_dtype = inference_dtype(device_type, cfg.dtype, model.num_params()["total"])
     sample_ctx = autocast(device_type, None if sample_dtype == torch.float32 else sample_dtype)
-    optimizer = configure_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
-                                    cfg.optimizer, cfg.muon_lr)
-    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
-    iter_num, best_accuracy = 0, -1.0
+    optimizer, scaler = make_optimizer(model, cfg, device_type, amp, ckpt)
+    iter_num, best_accuracy = (ckpt["iter_num"], ckpt["best_accuracy"]) if cfg.resume else (0, -1.0)
     if cfg.resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"] and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_accuracy, problems.pass_rate = ckpt["iter_num"], ckpt["best_accuracy"], ckpt["pass_rates"]
+        problems.pass_rate = ckpt["pass_rates"]
     init_from = ckpt.get("init_from", cfg.init_from)
     config = vars(cfg) | {"init_from": init_from}
     del ckpt
 
     def save(name):
-        save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config), "config": config,
-                         "tokenizer": enc.name, "init_from": init_from, "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "iter_num": iter_num, "best_accuracy": best_accuracy,
-                         "pass_rates": problems.pass_rate}, os.path.join(cfg.out_dir, name))
+        save_run(os.path.join(cfg.out_dir, name), model, asdict(model.config), enc.name, config, optimizer, scaler,
+                 iter_num, init_from=init_from, best_accuracy=best_accuracy, pass_rates=problems.pass_rate)
 
-    os.makedirs(cfg.out_dir, exist_ok=True)
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), iter_num if cfg.resume else None)
-    n_params = model.num_params()["total"]
-    tqdm.write(f"rl: {init_from if not cfg.resume else cfg.out_dir + '/ckpt.pt'} ({n_params / 1e6:.2f}M parameters) "
-               f"on {device}, {str(ptdtype or torch.float32).removeprefix('torch.')}; "
-               f"{cfg.problems_per_step} problems x {cfg.group_size} replies per step, "
-               f"{'GSM8K ' + cfg.gsm8k if cfg.gsm8k else 'built-in tasks'}")
+    tqdm.write(f"rl: {init_from if not cfg.resume else cfg.out_dir + '/ckpt.pt'} "
+               f"({model.num_params()['total'] / 1e6:.2f}M parameters) on {device}, "
+               f"{str(amp or torch.float32).removeprefix('torch.')}; {cfg.problems_per_step} problems x "
+               f"{cfg.group_size} replies per step, {'GSM8K ' + cfg.gsm8k if cfg.gsm8k else 'built-in tasks'}")
     stop = StopFlag()
     bar = tqdm(total=cfg.max_iters, initial=iter_num, unit="step", dynamic_ncols=True)
     constant = cfg.problems_per_step * cfg.group_size * cfg.max_new_tokens
     while True:
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
             accuracy, thinking = evaluate(model, enc, problems.heldout, cfg.max_new_tokens, sample_ctx)
-            overall = sum(accuracy.values()) / len(accuracy)
-            log.write(iter=iter_num, heldout_accuracy=overall, heldout_thinking_tokens=thinking,
-                      **{f"heldout_{t}": a for t, a in accuracy.items()})
-            tqdm.write(f"step {iter_num}: held-out accuracy {overall:.1%} ("
-                       + ", ".join(f"{t} {a:.0%}" for t, a in accuracy.items()) + f"), thinking {thinking:.0f} tokens")
+            overall = report_heldout(log, iter_num, accuracy, thinking)
             if overall > best_accuracy:
                 best_accuracy = overall
                 save("best.pt")
@@ -310,74 +341,33 @@ def main(argv):
         # Every random choice of this step is a function of (seed, step): a resumed run replays this one.
         rng = random.Random(cfg.seed * 1_000_003 + iter_num)
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + iter_num)
-        lr = get_lr(cfg, iter_num)
-        set_lr(optimizer, lr)
+        lr = set_lr(optimizer, get_lr(cfg, iter_num))
         t0 = time.perf_counter()
         batch = problems.draw(cfg.problems_per_step * cfg.screen, rng, cfg.task_floor)
         screened = {}
         if cfg.screen > 1:
-            batch, wrong = screen(model, enc, batch, cfg.problems_per_step, cfg.max_new_tokens, sample_ctx)
+            batch, wrong = screen_problems(model, enc, batch, cfg.problems_per_step, cfg.max_new_tokens, sample_ctx)
             screened = {"greedy_wrong_share": wrong}
         t_sample = time.perf_counter()
         groups = sample_groups(model, enc, batch, cfg, sample_ctx, generator)
         sample_seconds = time.perf_counter() - t_sample
-
-        # One on-policy update: the replies were sampled by exactly these weights, so the importance ratio of
-        # PPO/GRPO is 1 and there is nothing to clip; and since the policy moves once per batch, by a small
-        # learning rate, from a model that already answers well, no KL penalty to a reference is needed.
-        task_rewards, lengths, flat, loss_total = {}, [], 0, 0.0
-        for (task, _, answer), (prompt, replies) in zip(batch, groups):
-            rewards = [reward(task, answer, r, enc) for r in replies]
-            task_rewards.setdefault(task, []).extend(rewards)
-            lengths += [len(r) for r in replies]
-            mean = sum(rewards) / len(rewards)
-            if all(r == mean for r in rewards):
-                flat += 1
-                continue
-            loss = policy_loss(model, prompt, replies, [r - mean for r in rewards], constant, ctx)
-            scaler.scale(loss).backward()
-            loss_total += loss.item()
+        task_rewards, loss, flat = policy_gradient(model, batch, groups, constant, scaler, ctx)
         problems.update(task_rewards)
-        sft = {}
-        if cfg.sft_coef:  # the supervised mix-in: train.py's loss on a batch of its data, in the same step
-            tokens, mask = bins["train"]
-            T = model.config.block_size
-            starts = random_starts(tokens, cfg.sft_batch_size, T, torch.Generator().manual_seed(cfg.seed + iter_num))
-            x, y = to_device(get_batch(tokens, mask, starts, T), device)
-            with ctx:
-                _, sft_loss = model(x, y)
-            scaler.scale(cfg.sft_coef * sft_loss).backward()
-            sft = {"sft_loss": sft_loss.item()}
-        scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
-        if math.isfinite(grad_norm) or scaler.is_enabled():  # a non-finite gradient skips the update
-            scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-        all_rewards = [r for rs in task_rewards.values() for r in rs]
-        log.write(iter=iter_num, reward=sum(all_rewards) / len(all_rewards), loss=loss_total, **sft, **screened, lr=lr,
-                  grad_norm=grad_norm, zero_variance_share=flat / len(groups), reply_tokens=sum(lengths) / len(lengths),
-                  sampling_tokens_per_s=sum(lengths) / sample_seconds, step_seconds=time.perf_counter() - t0,
-                  **{f"reward_{t}": sum(rs) / len(rs) for t, rs in task_rewards.items()},
-                  **{f"pass_rate_{t}": p for t, p in problems.pass_rate.items()})
-        bar.set_postfix_str(f"reward {sum(all_rewards) / len(all_rewards):.2f} flat {flat}/{len(groups)} "
-                            f"len {sum(lengths) / len(lengths):.0f} {sum(lengths) / sample_seconds:.0f} tok/s",
-                            refresh=False)
+        sft = supervised_mixin(model, bins, cfg, iter_num, scaler, ctx) if cfg.sft_coef else {}
+        grad_norm = float(clip_gradients(model, optimizer, scaler, cfg.grad_clip))
+        optimizer_step(optimizer, scaler, loss, grad_norm)
+        log_step(log, bar, iter_num, task_rewards, groups, flat, sample_seconds, problems.pass_rate, loss=loss,
+                 **sft, **screened, lr=lr, grad_norm=grad_norm, step_seconds=time.perf_counter() - t0)
         iter_num += 1
         bar.update()
 
     save("ckpt.pt")
     bar.close()
-    if stop.signum:
-        tqdm.write(f"interrupted: saved {cfg.out_dir}/ckpt.pt at step {iter_num}; --resume continues")
-        sys.exit(128 + stop.signum)
+    exit_if_stopped(stop, f"interrupted: saved {cfg.out_dir}/ckpt.pt at step {iter_num}; --resume continues",
+                    tqdm.write)
     tqdm.write(f"done: step {iter_num}, best held-out accuracy {best_accuracy:.1%} in {cfg.out_dir}/best.pt; "
                f"score it with python eval.py --out_dir {cfg.out_dir}")
 
 
 if __name__ == "__main__":
-    try:
-        run_main(main, sys.argv[1:])
-    except KeyboardInterrupt:
-        sys.exit("rl.py: interrupted twice: stopped without saving (the last ckpt.pt is intact)")
+    run_training(main, sys.argv[1:])

@@ -13,8 +13,8 @@ import argparse
 import sys
 import time
 
-from common import (UserError, add_model_args, add_sampling_args, load_model, make_generator, robust_stdio, run_main,
-                    sampling_kwargs)
+from common import UserError, robust_stdio, run_main
+from inference import add_model_args, add_sampling_args, load_model, make_generator, sampling_kwargs
 from tokenizer import TextStream
 
 
@@ -51,9 +51,9 @@ def main():
         for _ in range(args.num_samples):
             stream = TextStream(enc, show_special=True)
             sys.stdout.write(start)
-            for token_id in model.generate(prompt, **sampling, stop_ids=stop_ids, generator=generator):
+            for step in model.generate([prompt], **sampling, stop_ids=stop_ids, generator=generator):
                 n_tokens += 1
-                sys.stdout.write(stream(token_id))
+                sys.stdout.write(stream(step[0]))
                 sys.stdout.flush()
             print(stream.flush() + "\n---------------", flush=True)
     except KeyboardInterrupt:

@@ -14,7 +14,7 @@ Serve a trained model over HTTP: the OpenAI chat API, and a chat page for the br
 
 The standard library's ThreadingHTTPServer: a thread per connection reads and checks its request, then waits
 for the one model lock, so generations run one at a time and never share a KV cache. Replies come from
-common.generate_reply, and the conversation is fitted to the context as chat.py does (tokenizer.fit_to_window).
+replies.generate_reply, and the conversation is fitted to the context as chat.py does (tokenizer.fit_to_window).
 """
 import argparse
 import contextlib
@@ -33,8 +33,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from common import (UserError, add_model_args, add_sampling_args, checkpoint_path, generate_reply, load_model,
-                    make_generator, run_main, sampling_kwargs)
+from common import UserError, run_main
+from inference import (add_model_args, add_sampling_args, checkpoint_path, load_model, make_generator, prompt_budget,
+                       sampling_kwargs)
+from replies import generate_reply
 from tokenizer import fit_to_window, render_prompt
 
 API_KEY_ENV = "NANOFORGE_API_KEY"
@@ -225,7 +227,7 @@ class Engine:
         """The conversation fitted to the context as chat.py fits it: room for the reply (max_tokens, at most
         half the context), then the system message and the newest exchanges that fit."""
         block_size = self.model.config.block_size
-        max_prompt = block_size - min(req.sampling["max_new_tokens"], block_size // 2)
+        max_prompt = prompt_budget(block_size, req.sampling["max_new_tokens"])
         system = [m for m in req.messages[:1] if m["role"] == "system"]
         shortest = len(render_prompt(system + [{"role": "user", "content": ""}], self.enc, req.reasoning))
         if shortest > max_prompt:  # fit_to_window needs room for at least an empty user turn

@@ -13,10 +13,9 @@ settings; a bare --flag means True): see configurator.py. The effective config i
 in every checkpoint.
 
 Test hook: NANOFORGE_NAN_ITERS="3,4" turns the loss into NaN at those iterations, to exercise the
-non-finite guard (skip the update; stop after max_nonfinite in a row).
+non-finite guard (skip the update; stop after max_nonfinite in a row): see training.add_nan_hook.
 """
 import contextlib
-import itertools
 import math
 import os
 import sys
@@ -30,10 +29,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import configurator
-from common import (DTYPES, MetricsLog, StopFlag, UserError, amp_dtype, autocast, configure_optimizer,
-                    cpu_auto_dtype, get_batch, load_data, peak_flops, random_starts, resolve_device,
-                    run_main, save_checkpoint, set_lr, start_wandb, to_device)
-from model import Forge, ModelConfig
+from checkpoints import build_model
+from common import (DTYPES, UserError, amp_dtype, autocast, choose_compile, compile_model, cpu_auto_dtype, peak_flops,
+                    setup_process)
+from data import get_batch, load_data, random_starts, to_device
+from training import (MetricsLog, StopFlag, add_nan_hook, check_optimizer_settings, clip_gradients, exit_if_stopped,
+                      make_optimizer, optimizer_step, run_training, save_run, set_lr, stage_at)
 
 # ----------------------------------------------------------------------------- defaults
 # The embedded demo: a 3M-parameter model on the built-in reasoning data (`python prepare.py`), tuned to
@@ -90,7 +91,6 @@ DEFAULTS = configurator.defaults_of(globals())
 CHOICES = {"compile": ("auto", True, False), "device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", *DTYPES),
            "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd")}
 ARCHITECTURE = ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "emb_rank")
-NAN_ITERS_ENV = "NANOFORGE_NAN_ITERS"
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -109,18 +109,14 @@ def settings(argv):
 
 def check_config(cfg):
     """Relations between settings that no single type check catches."""
-    for key in ("batch_size", "grad_accum", "block_size", "eval_interval", "eval_iters", "ckpt_interval",
-                "log_interval", "n_layer", "n_head", "n_kv_head", "n_embd", "max_nonfinite"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"{key}={getattr(cfg, key)} must be at least 1")
-    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "muon_lr", "min_lr", "decay_frac",
-                "weight_decay", "grad_clip"):
-        if getattr(cfg, key) < 0:
-            raise UserError(f"{key}={getattr(cfg, key)} must not be negative")
+    configurator.check_ranges(
+        cfg, at_least_one=("batch_size", "grad_accum", "block_size", "eval_interval", "eval_iters", "ckpt_interval",
+                           "log_interval", "n_layer", "n_head", "n_kv_head", "n_embd", "max_nonfinite"),
+        non_negative=("max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "muon_lr", "min_lr",
+                      "decay_frac", "weight_decay", "grad_clip"))
     if cfg.decay_frac > 1:
         raise UserError(f"decay_frac={cfg.decay_frac} is a share of the iterations: at most 1")
-    if cfg.muon_lr and not cfg.learning_rate:
-        raise UserError("muon_lr is a multiple of learning_rate's schedule: set learning_rate > 0 (or muon_lr=0)")
+    check_optimizer_settings(cfg)
     stages = cfg.seq_curriculum
     if any(not isinstance(s, tuple) or len(s) != 3 or not all(isinstance(v, int) for v in s) for s in stages):
         raise UserError(f"seq_curriculum={stages!r}: expected a list of (from_iter, block_size, batch_size)")
@@ -128,15 +124,6 @@ def check_config(cfg):
         raise UserError("seq_curriculum stages must be in order of their from_iter")
     if any(s[1] > cfg.block_size or s[1] < 1 or s[2] < 1 for s in stages):
         raise UserError(f"seq_curriculum block sizes must be within 1..block_size={cfg.block_size}")
-
-
-def stage_at(cfg, it):
-    """(block_size, batch_size) for iteration it: the last curriculum stage started, else the config's."""
-    T, B = cfg.block_size, cfg.batch_size
-    for start, stage_T, stage_B in cfg.seq_curriculum:
-        if it >= start:
-            T, B = stage_T, stage_B
-    return T, B
 
 
 def get_lr(cfg, it):
@@ -161,22 +148,9 @@ def get_lr(cfg, it):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-# ----------------------------------------------------------------------------- device, model, compilation
+# ----------------------------------------------------------------------------- the model
 
-def setup_device(cfg):
-    """(device, rank, local_rank, world_size) for this process; torchrun's variables mean DDP."""
-    name = resolve_device(cfg.device)
-    if "RANK" not in os.environ:
-        return name, 0, 0, 1
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-        torch.cuda.set_device(name)
-    dist.init_process_group(backend="nccl" if name.startswith("cuda") else "gloo")
-    return name, rank, local_rank, world
-
-
-def build_model(cfg, meta, ckpt, device="cpu"):
+def model_for_run(cfg, meta, ckpt, device="cpu"):
     """(model args, model): fresh, or with a checkpoint's weights (cfg holds its architecture then); the vocabulary
     is the data's. device="meta" builds the shapes only (dry_run: no memory, no time)."""
     if ckpt is not None and (ckpt.get("tokenizer") != meta["tokenizer"]
@@ -187,14 +161,10 @@ def build_model(cfg, meta, ckpt, device="cpu"):
     stored = ckpt["model_args"] if ckpt is not None else {}  # fields train.py has no setting for (rope_theta...)
     args = stored | {k: getattr(cfg, k) for k in ARCHITECTURE} | dict(vocab_size=meta["vocab_size"],
         block_size=cfg.block_size, dropout=cfg.dropout, grad_checkpoint=cfg.grad_checkpoint)
-    try:
-        with torch.device(device):
-            model = Forge(ModelConfig(**args))
-    except ValueError as e:  # e.g. n_embd not divisible by n_head
-        raise UserError(str(e)) from None
-    if ckpt is not None and device != "meta":
-        model.load_state_dict(ckpt["model"])
-    return args, model
+    if ckpt is None or device == "meta":
+        return args, build_model(args, device=device)
+    source = os.path.join(cfg.out_dir, "ckpt.pt") if cfg.resume else cfg.init_from
+    return args, build_model(args, ckpt["model"], source, device)
 
 
 def print_memory_estimate(mem, batch_size, block_size, ptdtype, mc, device):
@@ -209,46 +179,6 @@ def print_memory_estimate(mem, batch_size, block_size, ptdtype, mc, device):
         if total > free:
             print(f"warning: the estimate exceeds this GPU's free memory ({gib(free)} GiB): lower batch_size "
                   "(raise grad_accum to keep tokens per step), block_size, or set grad_checkpoint=True")
-
-
-def choose_compile(cfg, device_type, ptdtype):
-    """compile=auto: on where it pays. CUDA: always. CPU: with bf16 autocast only (set, or measured faster by
-    dtype=auto), where compiled steps are faster than eager by enough to repay the compile time (cold start
-    and the evaluation graph); in fp32 the gain is too small. MPS: off (Inductor's Metal backend is experimental)."""
-    if cfg.compile == "auto":
-        return device_type == "cuda" or (device_type == "cpu" and ptdtype == torch.bfloat16)
-    return cfg.compile
-
-
-def compile_model(raw_model, batch, ctx):
-    """torch.compile, tried on one forward and backward pass: where it cannot work here (no C++ compiler,
-    no Triton, an unsupported platform) warn and train eagerly instead."""
-    compiled = torch.compile(raw_model, dynamic=False)  # static shapes: recompiles once per curriculum stage
-    try:
-        with ctx:
-            loss = compiled(*batch)[1]
-        loss.backward()
-        return compiled
-    except Exception as e:  # the toolchain's errors are many and long; eager mode has none of them
-        print(f"warning: torch.compile failed here ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
-              "training without it (pass --compile=False to skip the attempt)")
-        return raw_model
-    finally:
-        raw_model.zero_grad(set_to_none=True)
-
-
-def add_nan_hook(train_model, first_iter, grad_accum):
-    """The test hook: for the iterations listed in $NANOFORGE_NAN_ITERS, a forward hook turns the loss of
-    every micro-step into NaN. Training passes are counted: grad_accum per iteration from first_iter on."""
-    nan_iters = {int(i) for i in os.environ.get(NAN_ITERS_ENV, "").split(",") if i.strip()}
-    if not nan_iters:
-        return
-    passes = itertools.count(first_iter * grad_accum)
-
-    def poison(module, args, output):
-        if module.training and next(passes) // grad_accum in nan_iters:  # not the evaluation's passes
-            return output[0], output[1] * float("nan")
-    train_model.register_forward_hook(poison)
 
 
 # ----------------------------------------------------------------------------- training
@@ -274,31 +204,33 @@ def estimate_loss(model, splits, cfg, ctx, device, rank, world):
     return losses
 
 
-def main(argv):
-    """Train with the settings in argv (config files, --key=value); return the trained model."""
-    cfg, ckpt = settings(argv)
-
-    # ---- device and precision
+def setup(cfg):
+    """(device, rank, local_rank, world, autocast dtype or None) of this process. A dry run assumes what a GPU
+    would use; dtype=auto on a CPU says what it measured and chose."""
     if cfg.dry_run:
-        device, rank, local_rank, world = "cpu", 0, 0, 1
-        ptdtype = {"float32": None, "float16": torch.float16}.get(cfg.dtype, torch.bfloat16)  # what a GPU would use
-    else:
-        device, rank, local_rank, world = setup_device(cfg)
-        ptdtype = amp_dtype(device.split(":")[0], cfg.dtype)
-        if device == "cpu" and cfg.dtype == "auto" and rank == 0:
-            print(f"dtype auto: {cpu_auto_dtype()[1]}")  # measured just now (and kept): the choice and why
-    device_type, master = device.split(":")[0], rank == 0
-    say = tqdm.write if master else (lambda message: None)
+        return "cpu", 0, 0, 1, {"float32": None, "float16": torch.float16}.get(cfg.dtype, torch.bfloat16)
+    device, rank, local_rank, world = setup_process(cfg.device)
+    if device == "cpu" and cfg.dtype == "auto" and rank == 0:
+        print(f"dtype auto: {cpu_auto_dtype()[1]}")  # measured just now (and kept): the choice and why
+    return device, rank, local_rank, world, amp_dtype(device.split(":")[0], cfg.dtype)
 
-    # ---- data and model
+
+def read_data(cfg, say):
+    """meta.json and the train/val bins; a dry run needs only the vocabulary (GPT-2's where nothing is prepared)."""
     if cfg.dry_run and not os.path.isfile(os.path.join(cfg.data_dir, "meta.json")):
         say(f"dry run: {cfg.data_dir} is not prepared yet; assuming the GPT-2 tokenizer's vocabulary (50304)")
-        meta, splits = {"tokenizer": "gpt2", "vocab_size": 50304}, {}
-    else:
-        meta, splits = load_data(cfg.data_dir, splits=() if cfg.dry_run else ("train", "val"))
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model_args, raw_model = build_model(cfg, meta, ckpt, device="meta" if cfg.dry_run else "cpu")
-    mc, n_params = raw_model.config, raw_model.num_params()
+        return {"tokenizer": "gpt2", "vocab_size": 50304}, {}
+    meta, splits = load_data(cfg.data_dir, splits=() if cfg.dry_run else ("train", "val"))
+    for split, (tokens, _) in splits.items():
+        if len(tokens) <= cfg.block_size:  # curriculum stages are no longer (check_config)
+            raise UserError(f"{split}.bin holds {len(tokens)} tokens, too few for block_size={cfg.block_size}: "
+                            "lower block_size or prepare more data")
+    return meta, splits
+
+
+def describe(cfg, meta, model, amp, world, device, master, say):
+    """The config, the model, the tokens per step and (rank 0) the memory of the largest micro-batch."""
+    mc, n_params = model.config, model.num_params()
     stages = [stage_at(cfg, it) for it in [0] + [s[0] for s in cfg.seq_curriculum]]
     T_max, B_max = max(stages, key=lambda tb: tb[0] * tb[1])  # the largest micro-batch sets peak memory
     say(textwrap.fill(" ".join(f"{k}={v!r}" for k, v in vars(cfg).items()), 110, initial_indent="config: ",
@@ -310,53 +242,99 @@ def main(argv):
         f"process{'es' if world > 1 else ''} = {B_max * T_max * cfg.grad_accum * world:,}"
         + (" (largest curriculum stage)" if cfg.seq_curriculum else ""))
     if master:
-        mem = raw_model.estimate_memory(B_max, T_max, 2 if ptdtype else 4)
-        print_memory_estimate(mem, B_max, T_max, ptdtype, mc, device)
-    if cfg.dry_run:
-        return raw_model
+        mem = model.estimate_memory(B_max, T_max, 2 if amp else 4)
+        print_memory_estimate(mem, B_max, T_max, amp, model.config, device)
 
-    use_compile = choose_compile(cfg, device_type, ptdtype)
+
+def describe_start(cfg, ckpt, splits, device, amp, use_compile, iter_num, say, master):
+    """Where the run runs and what it starts from."""
     train_tokens, train_mask = splits["train"]
-    for split, (tokens, _) in splits.items():
-        if len(tokens) <= max(cfg.block_size, T_max):
-            raise UserError(f"{split}.bin holds {len(tokens)} tokens, too few for block_size={cfg.block_size}: "
-                            "lower block_size or prepare more data")
-    say(f"device: {device}{f' ({torch.cuda.get_device_name(device)})' if device_type == 'cuda' else ''}, "
-        f"{'autocast ' + str(ptdtype).removeprefix('torch.') if ptdtype else 'float32'}, compile "
+    say(f"device: {device}{f' ({torch.cuda.get_device_name(device)})' if device.startswith('cuda') else ''}, "
+        f"{'autocast ' + str(amp).removeprefix('torch.') if amp else 'float32'}, compile "
         f"{'on' if use_compile else 'off'}; data: {len(train_tokens):,} train / {len(splits['val'][0]):,} val tokens"
         f"{', loss on the assistant turns only (mask)' if train_mask is not None else ''}")
-
-    # ---- optimizer, and the state of a resumed run
-    raw_model.to(device)
-    optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
-                                    cfg.optimizer, cfg.muon_lr)
-    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)  # fp16 only: bf16 needs no scaling
-    iter_num, best_val_loss = 0, float("inf")
     if cfg.resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"] and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         say(f"resuming {os.path.join(cfg.out_dir, 'ckpt.pt')} at iteration {iter_num}")
     elif ckpt is not None:
         say(f"initialized from {cfg.init_from} (trained {ckpt.get('iter_num', '?')} iterations); fresh optimizer")
     elif master and os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt")):
         say(f"warning: new run in {cfg.out_dir}: its ckpt.pt will be overwritten (--resume continues it instead)")
-    del ckpt
 
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
-    ctx = autocast(device_type, ptdtype)
+
+def train_step(train_model, raw_model, next_batch, optimizer, scaler, cfg, ctx, stop, world):
+    """One optimizer step over grad_accum micro-batches -> (loss, gradient norm, stop requested, update applied).
+    The loss (a NaN anywhere is seen everywhere) and the stop requests are summed over ranks, so that every rank
+    skips, and stops, at the same iteration."""
+    loss_sum = torch.zeros((), device=raw_model.device)
+    for micro_step in range(cfg.grad_accum):
+        x, y = next_batch()
+        last = micro_step == cfg.grad_accum - 1  # DDP all-reduces the gradients only after the last one
+        with contextlib.nullcontext() if world == 1 or last else train_model.no_sync():
+            with ctx:
+                loss = train_model(x, y)[1] / cfg.grad_accum  # [1]: drop the logits before backward
+            scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    stats = torch.stack([loss_sum.float(), torch.tensor(float(stop.signum > 0), device=raw_model.device)])
+    if world > 1:
+        dist.all_reduce(stats)
+    grad_norm = clip_gradients(raw_model, optimizer, scaler, cfg.grad_clip)
+    loss_total, stop_votes, grad_norm = torch.cat([stats, grad_norm.float().view(1)]).tolist()  # one host sync
+    loss = loss_total / world
+    return loss, grad_norm, stop_votes > 0, optimizer_step(optimizer, scaler, loss, grad_norm)
+
+
+def report_losses(iter_num, losses, say, log):
+    val_ppl = math.exp(min(losses["val"], 50))
+    say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, val ppl {val_ppl:.2f}")
+    if log:
+        log.write(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], val_ppl=val_ppl)
+
+
+def note_skipped(nonfinite, iter_num, loss, grad_norm, cfg, say, log):
+    """Say and log an update skipped for a non-finite value -> the exit message after max_nonfinite in a row."""
+    say(f"iter {iter_num}: non-finite loss ({loss}) or gradient norm ({grad_norm}): update skipped, "
+        f"{nonfinite} in a row")
+    if log:
+        log.write(iter=iter_num, skipped=True, loss=loss, grad_norm=grad_norm)
+    if nonfinite >= cfg.max_nonfinite:
+        return (f"{nonfinite} non-finite losses or gradients in a row at iteration {iter_num}: stopped; {cfg.out_dir}"
+                "/ckpt.pt holds the weights from before them. Lower learning_rate, set grad_clip or use "
+                "dtype=bfloat16/float32, then --resume")
+    return ""
+
+
+def log_step(log, bar, iter_num, loss, lr, grad_norm, tokens_per_s, mfu, device):
+    mem_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else None
+    log.write(iter=iter_num, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=round(tokens_per_s), mfu=mfu,
+              peak_mem_gib=mem_gib)
+    bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.1e} {tokens_per_s / 1e3:.1f}k tok/s" + (f" mfu {mfu:.1%}" if mfu
+                        else "") + (f" mem {mem_gib:.1f}G" if mem_gib else ""), refresh=False)
+
+
+def main(argv):
+    """Train with the settings in argv (config files, --key=value); return the trained model."""
+    cfg, ckpt = settings(argv)
+    device, rank, local_rank, world, amp = setup(cfg)
+    device_type, master = device.split(":")[0], rank == 0
+    say = tqdm.write if master else (lambda message: None)
+    meta, splits = read_data(cfg, say)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model_args, raw_model = model_for_run(cfg, meta, ckpt, device="meta" if cfg.dry_run else "cpu")
+    describe(cfg, meta, raw_model, amp, world, device, master, say)
+    if cfg.dry_run:
+        return raw_model
+
+    optimizer, scaler = make_optimizer(raw_model.to(device), cfg, device_type, amp, ckpt)
+    iter_num, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if cfg.resume else (0, float("inf"))
+    use_compile = choose_compile(cfg.compile, device_type, amp)
+    describe_start(cfg, ckpt, splits, device, amp, use_compile, iter_num, say, master)
+    del ckpt
+    ctx = autocast(device_type, amp)
     T, B = stage_at(cfg, iter_num)
+    train_tokens, train_mask = splits["train"]
 
     def next_batch():  # B random windows of T tokens (the current curriculum stage), on the device
         return to_device(get_batch(train_tokens, train_mask, random_starts(train_tokens, B, T), T), device)
-    if use_compile and device_type == "cpu":
-        # Inductor's CPU kernel for the embedding's backward adds token rows with atomic adds from all threads, in
-        # whatever order they land: two identical runs (or a resumed one) end with different weights. Deterministic
-        # mode lowers it to ATen's ordered index_put instead: bit-identical runs, at the cost in README, Performance.
-        torch.use_deterministic_algorithms(True)
     t0 = time.perf_counter()
     model = compile_model(raw_model, next_batch(), ctx) if use_compile else raw_model
     compile_time, use_compile = time.perf_counter() - t0, model is not raw_model
@@ -364,21 +342,15 @@ def main(argv):
                       gradient_as_bucket_view=True) if world > 1 else model
     add_nan_hook(train_model, iter_num, cfg.grad_accum)
 
-    def save(name):
-        save_checkpoint({"model": raw_model.state_dict(), "model_args": model_args, "tokenizer": meta["tokenizer"],
-                         "config": vars(cfg), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                         "iter_num": iter_num, "best_val_loss": best_val_loss,
-                         # for the record only: every iteration reseeds from (seed, rank, iteration), see the loop
-                         "rng": {"cpu": torch.get_rng_state(),
-                                 "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else []}},
-                        os.path.join(cfg.out_dir, name))
+    def save(name):  # "rng" for the record only: every iteration reseeds from (seed, rank, iteration), see the loop
+        save_run(os.path.join(cfg.out_dir, name), raw_model, model_args, meta["tokenizer"], vars(cfg), optimizer,
+                 scaler, iter_num, best_val_loss=best_val_loss, rng={"cpu": torch.get_rng_state(), "cuda":
+                 torch.cuda.get_rng_state_all() if device_type == "cuda" else []})
 
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        wandb_run = start_wandb(cfg.wandb_project, cfg.wandb_run_name, vars(cfg)) if cfg.wandb_log else None
-        log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), iter_num if cfg.resume else None, wandb_run)
+    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), iter_num if cfg.resume else None,
+                     cfg.wandb_log and cfg.wandb_project, cfg.wandb_run_name, vars(cfg)) if master else None
     stop = StopFlag(ddp=world > 1)
-    flops = peak_flops(device)
+    flops = peak_flops(device, amp) if device_type == "cuda" else None  # MFU: GPUs only
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, unit="it", dynamic_ncols=True)
     start_iter, nonfinite, exit_message = iter_num, 0, ""
     tokens_per_s, tokens_seen, train_time, eval_time = 0.0, 0, 0.0, 0.0
@@ -389,11 +361,7 @@ def main(argv):
             t0 = time.perf_counter()
             losses = estimate_loss(model, splits, cfg, ctx, device, rank, world)
             eval_time += time.perf_counter() - t0
-            say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                f"val ppl {math.exp(min(losses['val'], 50)):.2f}")
-            if master:
-                log.write(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"],
-                          val_ppl=math.exp(min(losses["val"], 50)))
+            report_losses(iter_num, losses, say, log)
             if losses["val"] < best_val_loss:
                 best_val_loss = losses["val"]
                 if master and iter_num > 0:
@@ -409,57 +377,21 @@ def main(argv):
         if stage_at(cfg, iter_num) != (T, B):
             T, B = stage_at(cfg, iter_num)
             say(f"iter {iter_num}: curriculum stage: context {T}, micro-batch {B}")
-        lr = get_lr(cfg, iter_num)
-        set_lr(optimizer, lr)
+        lr = set_lr(optimizer, get_lr(cfg, iter_num))
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        for micro_step in range(cfg.grad_accum):
-            x, y = next_batch()
-            last = micro_step == cfg.grad_accum - 1  # DDP all-reduces the gradients only after the last one
-            with contextlib.nullcontext() if world == 1 or last else train_model.no_sync():
-                with ctx:
-                    loss = train_model(x, y)[1] / cfg.grad_accum  # [1]: drop the logits before backward
-                scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        # Summed over ranks: the loss (a NaN anywhere is seen everywhere) and the stop requests, so that
-        # every rank skips, and stops, at the same iteration.
-        stats = torch.stack([loss_sum.float(), torch.tensor(float(stop.signum > 0), device=device)])
-        if world > 1:
-            dist.all_reduce(stats)
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-        loss_total, stop_votes, grad_norm = torch.cat([stats, grad_norm.float().view(1)]).tolist()  # one host sync
-        loss_val, stop_requested = loss_total / world, stop_votes > 0
-        # An fp16 overflow is the GradScaler's business (it skips the step and lowers its scale); any other
-        # non-finite loss or gradient is skipped here, and too many in a row end the run.
-        if math.isfinite(loss_val) and (math.isfinite(grad_norm) or scaler.is_enabled()):
-            scaler.step(optimizer)
-            nonfinite = 0
-        else:
-            nonfinite += 1
-            say(f"iter {iter_num}: non-finite loss ({loss_val}) or gradient norm ({grad_norm}): update skipped, "
-                f"{nonfinite} in a row")
-            if master:
-                log.write(iter=iter_num, skipped=True, loss=loss_val, grad_norm=grad_norm)
-            if nonfinite >= cfg.max_nonfinite:
-                exit_message = (f"{nonfinite} non-finite losses or gradients in a row at iteration {iter_num}: "
-                                f"stopped; {cfg.out_dir}/ckpt.pt holds the weights from before them. Lower "
-                                "learning_rate, set grad_clip or use dtype=bfloat16/float32, then --resume")
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0  # .tolist() above waited for the GPU
+        loss, grad_norm, stop_requested, applied = train_step(train_model, raw_model, next_batch, optimizer, scaler,
+                                                              cfg, ctx, stop, world)
+        nonfinite = 0 if applied else nonfinite + 1
+        if not applied:
+            exit_message = note_skipped(nonfinite, iter_num, loss, grad_norm, cfg, say, log)
+        dt = time.perf_counter() - t0  # the step's .tolist() waited for the GPU
         step_tokens = B * T * cfg.grad_accum * world
         train_time, tokens_seen = train_time + dt, tokens_seen + step_tokens
         # log the step by its index (iteration iter_num took the model from iter_num to iter_num + 1 updates)
         tokens_per_s = step_tokens / dt if iter_num - start_iter < 2 else 0.9 * tokens_per_s + 0.1 * step_tokens / dt
         if master and iter_num % cfg.log_interval == 0:
             mfu = raw_model.estimate_mfu(step_tokens, T, dt, flops * world) if flops else None
-            mem_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None
-            log.write(iter=iter_num, loss=loss_val, lr=lr, grad_norm=grad_norm, tokens_per_s=round(tokens_per_s),
-                      mfu=mfu, peak_mem_gib=mem_gib)
-            bar.set_postfix_str(f"loss {loss_val:.4f} lr {lr:.1e} {tokens_per_s / 1e3:.1f}k tok/s"
-                                + (f" mfu {mfu:.1%}" if mfu else "") + (f" mem {mem_gib:.1f}G" if mem_gib else ""),
-                                refresh=False)
+            log_step(log, bar, iter_num, loss, lr, grad_norm, tokens_per_s, mfu, device)
         iter_num += 1
         bar.update()
         if stop_requested and not exit_message:
@@ -471,9 +403,7 @@ def main(argv):
     bar.close()
     if world > 1:
         dist.destroy_process_group()
-    if stop.signum:
-        say(exit_message)
-        sys.exit(128 + stop.signum)
+    exit_if_stopped(stop, exit_message, say)
     if exit_message:
         raise SystemExit(f"train.py: {exit_message}")
     say(f"done: iteration {iter_num}, best val loss {best_val_loss:.4f}, checkpoints {cfg.out_dir}/ckpt.pt (last) "
@@ -483,7 +413,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        run_main(main, sys.argv[1:])
-    except KeyboardInterrupt:
-        sys.exit("train.py: interrupted twice: stopped without saving (the last ckpt.pt is intact)")
+    run_training(main, sys.argv[1:])

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common import save_checkpoint
+from checkpoints import save_checkpoint
 from model import Forge, ModelConfig
 from tokenizer import GPT2_RANKS_ENV, get_tokenizer, padded_vocab_size
 
@@ -62,29 +62,34 @@ def text_ids(s):
 
 
 class ScriptedModel:
-    """Stands in for Forge: generate() replays a fixed list of token ids (or script(prompt)'s) and, like
-    Forge.generate, yields a stop id and then stops; generate_batch does the same for each prompt. With
-    interrupt_after=k it raises KeyboardInterrupt after k tokens (a Ctrl-C)."""
+    """Stands in for Forge: generate() replays a fixed list of token ids (or script(prompt)'s) for each prompt
+    and, like Forge.generate, yields {row: token} per step, a row ending after a stop id (yielded) or when its
+    script runs out. With interrupt_after=k it raises KeyboardInterrupt after k steps (a Ctrl-C)."""
+    device = torch.device("cpu")
 
     def __init__(self, script, block_size=256, interrupt_after=None):
         self.script, self.interrupt_after = script, interrupt_after
         self.config = SimpleNamespace(block_size=block_size)
         self.prompts = []
 
-    def generate(self, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(), generator=None):
-        self.prompts.append(list(prompt))
-        for i, token_id in enumerate(self.script(prompt) if callable(self.script) else self.script):
-            if i == max_new_tokens:
-                return
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(), generator=None):
+        scripts = {}
+        for row, prompt in enumerate(prompts):
+            self.prompts.append(list(prompt))
+            scripts[row] = iter(self.script(prompt) if callable(self.script) else self.script)
+        for i in range(max_new_tokens):
             if i == self.interrupt_after:
                 raise KeyboardInterrupt
-            yield token_id
-            if token_id in stop_ids:
+            step = {row: token for row, it in scripts.items() if (token := next(it, None)) is not None}
+            if not step:
                 return
+            yield step
+            scripts = {row: it for row, it in scripts.items() if row in step and step[row] not in stop_ids}
 
-    def generate_batch(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
-                       generator=None):
-        return [list(self.generate(p, max_new_tokens, stop_ids=stop_ids)) for p in prompts]
+
+def greedy_ids(model, prompt, max_new_tokens, **kwargs):
+    """The token ids model.generate writes after one prompt, greedy unless kwargs say otherwise."""
+    return [step[0] for step in model.generate([prompt], max_new_tokens, **({"temperature": 0} | kwargs))]
 
 
 @pytest.fixture(scope="session")

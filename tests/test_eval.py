@@ -1,4 +1,4 @@
-"""eval.py: the answer checkers (tasks.check_answer), GSM8K parsing (common.read_gsm8k), the val loss against a
+"""eval.py: the answer checkers (tasks.check_answer), GSM8K parsing (data.read_gsm8k), the val loss against a
 naive per-token reference, the reasoning score with a scripted oracle, and eval.py end to end on a checkpoint
 trained by train.py."""
 import json
@@ -9,10 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import UserError, load_data, read_gsm8k
+from checkpoints import load_checkpoint
+from common import UserError
 from conftest import BYTE, SP, ScriptedModel, run_script, text_ids, tiny_model
+from data import load_data, read_gsm8k
 from eval import reasoning_score, summarize, val_loss
-from tasks import TASKS, check_answer, final_number, heldout_items
+from replies import generate_replies, is_correct
+from tasks import TASKS, check_answer, difficulty_of, final_number, heldout_items
+from tokenizer import render_prompt
 
 
 def test_checker_scores_right_answers_1_and_wrong_answers_0():
@@ -122,10 +126,19 @@ def test_eval_end_to_end_writes_the_json_report(trained_run, tmp_path):
     assert report["val"]["perplexity"] == pytest.approx(math.exp(report["val"]["loss"]))
     tasks = report["reasoning"]["tasks"]
     assert list(tasks) == TASKS + ["all"]
-    for modes in tasks.values():
-        for mode in ("on", "off"):
-            assert 0 <= modes[mode]["accuracy"] <= 1
-            assert modes[mode]["n"] == (len(TASKS) if modes is tasks["all"] else 1)
+    # The reference: the same checkpoint's greedy replies to the same held-out problems, scored here.
+    model, _ = load_checkpoint(out_dir / "best.pt")
+    items = list(heldout_items(len(TASKS), difficulty=difficulty_of(json.load(open(f"{data_dir}/meta.json")))))
+    for mode in ("on", "off"):
+        prompts = [render_prompt(messages, BYTE, mode) for _, messages, _ in items]
+        replies = generate_replies(model, BYTE, prompts, dict(max_new_tokens=32, temperature=0.0))
+        for (task, _, answer), reply in zip(items, replies):
+            assert tasks[task][mode]["n"] == 1
+            assert tasks[task][mode]["accuracy"] == is_correct(reply, task, answer), (task, mode)
+            assert tasks[task][mode]["cut_off"] == (reply.finish != "stop"), (task, mode)
+            assert tasks[task][mode]["mean_thinking_tokens"] == reply.thinking_tokens, (task, mode)
+        assert tasks["all"][mode]["n"] == len(TASKS)
+        assert tasks["all"][mode]["accuracy"] == sum(tasks[t][mode]["accuracy"] for t in TASKS) / len(TASKS)
     assert tasks["all"]["on"]["tokens_per_s"] > 0
     # Word problems (~100 tokens) do not fit this model's 64-token context: counted as cut off, not hidden.
     assert tasks["word"]["on"]["cut_off"] == 1 and "cut off by --max_new_tokens or the context" in out

@@ -15,6 +15,8 @@ import torch
 
 import rl
 from conftest import BYTE, ROOT, SP, ScriptedModel, text_ids, tiny_model, write_checkpoint
+from replies import generate_reply
+from tokenizer import render_prompt
 
 THINK_END, END = SP["<|/think|>"], SP["<|/assistant|>"]
 
@@ -25,14 +27,20 @@ def reply(thinking, answer, end=True):
     return ids + [END] if end else ids
 
 
+def reward_of(ids, task, answer):
+    """rl.reward of the reply a model writing ids makes to a prompt that forced <|think|>."""
+    prompt = render_prompt([{"role": "user", "content": "Q?"}], BYTE, "on")
+    return rl.reward(generate_reply(ScriptedModel(ids), BYTE, prompt, dict(max_new_tokens=99)), task, answer)
+
+
 def test_reward_is_one_only_for_a_verified_answer_after_the_thinking():
-    assert rl.reward("add", "734", reply("478+256: 8+6=14, 4 / ...", "734"), BYTE) == 1.0
-    assert rl.reward("add", "734", reply("478+256: ...", "735"), BYTE) == 0.0                  # wrong
-    assert rl.reward("add", "734", reply("478+256: ...", "734", end=False), BYTE) == 0.0       # cut off
-    assert rl.reward("add", "734", text_ids("so the answer is 734"), BYTE) == 0.0              # only thinking
-    assert rl.reward("add", "734", text_ids("734") + [END], BYTE) == 0.0                        # no <|/think|>
-    assert rl.reward("gsm8k", "18", reply("16 - 3 - 4 = 9; 9 * 2 = 18", "She makes $18."), BYTE) == 1.0
-    assert rl.reward("gsm8k", "18", reply("9 * 2 = 18", "$19"), BYTE) == 0.0
+    assert reward_of(reply("478+256: 8+6=14, 4 / ...", "734"), "add", "734") == 1.0
+    assert reward_of(reply("478+256: ...", "735"), "add", "734") == 0.0                  # wrong
+    assert reward_of(reply("478+256: ...", "734", end=False), "add", "734") == 0.0       # cut off
+    assert reward_of(text_ids("so the answer is 734"), "add", "734") == 0.0              # only thinking
+    assert reward_of(text_ids("734") + [END], "add", "734") == 0.0                        # no <|/think|>
+    assert reward_of(reply("16 - 3 - 4 = 9; 9 * 2 = 18", "She makes $18."), "gsm8k", "18") == 1.0
+    assert reward_of(reply("9 * 2 = 18", "$19"), "gsm8k", "18") == 0.0
 
 
 def test_policy_gradient_learns_a_rewarded_answer():
@@ -44,7 +52,8 @@ def test_policy_gradient_learns_a_rewarded_answer():
     prompt, group = [0, 1], 16
     rewards = []
     for _ in range(60):
-        replies = model.generate_batch([prompt] * group, 1, temperature=1.0, generator=generator)
+        replies = [[step[row]] for step in model.generate([prompt] * group, 1, temperature=1.0, generator=generator)
+                   for row in range(group)]
         r = [float(x[0] == 3) for x in replies]
         rewards.append(sum(r) / group)
         if rewards[-1] > 0.8:
@@ -85,7 +94,7 @@ def test_screening_keeps_the_problems_answered_wrong_first():
         i = int(bytes(t for t in prompt if t < 256).decode().split("What is ")[-1].split(" ")[0])
         return reply(f"{i}+1: {i}+1={i + 1}, {i + 1}", str(i + 1 if i % 2 == 0 else i))
     candidates = [("add", [{"role": "user", "content": f"What is {i} + 1?"}], str(i + 1)) for i in range(6)]
-    kept, wrong_share = rl.screen(Scripted(script), BYTE, candidates, 4, 64, contextlib.nullcontext())
+    kept, wrong_share = rl.screen_problems(Scripted(script), BYTE, candidates, 4, 64, contextlib.nullcontext())
     assert [answer for _, _, answer in kept] == ["2", "4", "6", "1"] and wrong_share == 0.5
 
 
@@ -95,7 +104,7 @@ ARGS = ["--max_iters=4", "--eval_interval=2", "--ckpt_interval=2", "--eval_items
 
 
 class StopAfter:
-    """Stands in for common.StopFlag: reads as Ctrl-C from the top of step n on."""
+    """Stands in for training.StopFlag: reads as Ctrl-C from the top of step n on."""
 
     def __init__(self, n):
         self.checks, self.n = 0, n
@@ -108,7 +117,7 @@ class StopAfter:
 
 def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch, reasoning_data):
     # an untrained model never answers right: reward replies by their length, so every step updates the weights
-    monkeypatch.setattr(rl, "reward", lambda task, answer, reply, enc: float(len(reply) % 2))
+    monkeypatch.setattr(rl, "reward", lambda reply, task, answer: float(len(reply.ids) % 2))
     init = write_checkpoint(tiny_model(seed=2), tmp_path / "init.pt")
     args = [*ARGS, "--screen=2", "--sft_coef=0.5", "--sft_batch_size=2", f"--data_dir={reasoning_data}"]
     rl.main([f"--init_from={init}", f"--out_dir={tmp_path}/straight", *args])
@@ -139,7 +148,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, monk
 def test_sft_coef_mixes_in_the_supervised_loss(tmp_path, monkeypatch, reasoning_data):
     """With every reply scored the same there is no policy gradient: the weights move only with sft_coef > 0,
     and then the supervised loss on the prepared data falls (from ln 320 = 5.8 at the start)."""
-    monkeypatch.setattr(rl, "reward", lambda task, answer, reply, enc: 0.0)
+    monkeypatch.setattr(rl, "reward", lambda reply, task, answer: 0.0)
     init = write_checkpoint(tiny_model(seed=5), tmp_path / "init.pt")
     weights = {}
     for coef in (0, 1):

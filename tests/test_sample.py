@@ -3,7 +3,8 @@ bad checkpoints (in all three inference scripts), and the weights' inference dty
 import pytest
 import torch
 
-from common import UserError, inference_dtype, load_checkpoint
+from checkpoints import load_checkpoint
+from common import UserError, inference_dtype
 from conftest import BYTE, run_script
 
 

@@ -25,10 +25,11 @@ from urllib.parse import urlsplit
 
 import openai  # a test dependency (requirements-dev.txt): the official client is the reference
 import pytest
-import torch
 
 import serve
-from common import generate_reply, load_checkpoint, make_generator
+from checkpoints import load_checkpoint
+from inference import make_generator
+from replies import generate_reply
 from conftest import BYTE, ROOT, SP, ScriptedModel, run_script, text_ids
 from tokenizer import fit_to_window, render_prompt
 
@@ -42,19 +43,18 @@ THINKING_REPLY = text_ids(THINKING) + [SP["<|/think|>"], SP["<|assistant|>"]] + 
 
 
 class Scripted(ScriptedModel):
-    """ScriptedModel with the device serve.Engine reads (rope_cos), counting the tokens it yields and taking
-    delay seconds for each: a model still generating when a client leaves or time runs out."""
-    rope_cos = torch.zeros(1)
+    """ScriptedModel counting the tokens it yields and taking delay seconds for each: a model still generating
+    when a client leaves or time runs out."""
 
     def __init__(self, script, delay=0.0):
         super().__init__(script)
         self.delay, self.produced = delay, 0
 
     def generate(self, *args, **kwargs):
-        for token_id in super().generate(*args, **kwargs):
+        for step in super().generate(*args, **kwargs):
             time.sleep(self.delay)
-            self.produced += 1
-            yield token_id
+            self.produced += len(step)
+            yield step
 
 
 def endless(prompt):

@@ -17,7 +17,10 @@ import torch
 
 import configurator
 import train
-from common import UserError, autocast, get_batch, load_checkpoint, random_starts
+import training
+from checkpoints import load_checkpoint
+from common import UserError, autocast
+from data import get_batch, random_starts
 from conftest import ROOT, run_script, tiny_model, write_checkpoint
 from model import Forge, ModelConfig
 
@@ -360,7 +363,7 @@ def test_ctrl_c_saves_and_exits_cleanly(reasoning_data, tmp_path):
 
 def test_nonfinite_loss_is_skipped_then_stops_the_run(reasoning_data, tmp_path):
     _, stdout, _ = run_train("--max_iters=6", "--eval_interval=100", f"--data_dir={reasoning_data}",
-                             f"--out_dir={tmp_path}/once", env={train.NAN_ITERS_ENV: "2"})
+                             f"--out_dir={tmp_path}/once", env={training.NAN_ITERS_ENV: "2"})
     assert "iter 2: non-finite loss (nan)" in stdout
     records = metrics(f"{tmp_path}/once")
     assert [r["iter"] for r in records if r.get("skipped")] == [2]
@@ -369,7 +372,7 @@ def test_nonfinite_loss_is_skipped_then_stops_the_run(reasoning_data, tmp_path):
 
     rc, _, stderr = run_train("--max_iters=50", "--max_nonfinite=3", "--eval_interval=100",
                               f"--data_dir={reasoning_data}", f"--out_dir={tmp_path}/always",
-                              env={train.NAN_ITERS_ENV: "4,5,6,7,8"}, check=False)
+                              env={training.NAN_ITERS_ENV: "4,5,6,7,8"}, check=False)
     assert rc != 0
     assert stderr.strip().splitlines()[-1].startswith("train.py: 3 non-finite losses or gradients in a row")
     ckpt = torch.load(f"{tmp_path}/always/ckpt.pt", weights_only=True)

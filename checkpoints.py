@@ -1,0 +1,67 @@
+"""
+Checkpoints: writing them atomically, reading them back safely, and the one way to build a Forge.
+
+A checkpoint is a dict: "model" (state dict), "model_args" (ModelConfig fields), "tokenizer" (name), "config"
+(the run's settings), and for resuming: "optimizer", "scaler", "iter_num", "best_val_loss" (rl.py:
+"best_accuracy", "pass_rates"), "rng". Everything in it is a tensor or plain Python data, so it loads with
+weights_only=True.
+"""
+import os
+
+import torch
+
+from common import UserError
+from model import Forge, ModelConfig
+from tokenizer import get_tokenizer
+
+
+def save_checkpoint(ckpt, path):
+    """torch.save to a temporary name, then rename: a kill at any moment leaves the old file intact."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path, device="cpu"):
+    """The checkpoint dict at path, checked to be one of ours; no model is built (build_model does that)."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train one with `python train.py` or pass --ckpt")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path} as a checkpoint ({type(e).__name__}): truncated or not a torch file")
+    if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
+        raise UserError(f"{path} is not a nanoforge checkpoint (it has no model / model_args)")
+    return ckpt
+
+
+def build_model(model_args, state_dict=None, source=None, device="cpu"):
+    """A Forge from ModelConfig fields, with state_dict's weights when given; every script builds its model here.
+    A bad combination is a one-line UserError (prefixed with source, the file the arguments came from). device
+    "meta" builds the shapes only (train.py's dry run: no memory, no time)."""
+    try:
+        with torch.device(device):
+            model = Forge(ModelConfig(**model_args))
+        if state_dict is not None:
+            model.load_state_dict(state_dict)
+    except (TypeError, ValueError, RuntimeError) as e:
+        message = str(e).splitlines()[0]
+        raise UserError(f"{source}: its weights do not fit its model_args ({message})" if source else message) from None
+    return model
+
+
+def load_checkpoint(path, device="cpu"):
+    """A checkpoint written by train.py or rl.py -> (model in eval mode on device, the checkpoint dict)."""
+    ckpt = read_checkpoint(path, device)
+    return build_model(ckpt["model_args"], ckpt["model"], path).to(device).eval(), ckpt
+
+
+def load_tokenizer(name):
+    """tokenizer.get_tokenizer, with its problems (an unknown name, no GPT-2 ranks offline) as UserError."""
+    try:
+        return get_tokenizer(name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
