@@ -74,33 +74,39 @@ def amp_dtype(device_type, dtype="auto"):
     return None
 
 
+def matmul_flops(device, dtype, n, reps):
+    """FLOP/s of an n x n matmul in dtype on device: the best of reps products, after one untimed product (it
+    pays for allocation, packing and kernel selection). The random numbers come from a generator of its own, so
+    measuring never shifts a seeded run."""
+    a = torch.randn(n, n, device=device, generator=torch.Generator(device).manual_seed(0)).to(dtype)
+    sync = getattr(torch, torch.device(device).type).synchronize  # a no-op on a CPU
+    seconds = []
+    for _ in range(reps + 1):
+        sync()
+        t0 = time.perf_counter()
+        a @ a
+        sync()
+        seconds.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / min(seconds[1:])
+
+
 _MATMUL_GFLOPS = {}  # thread count -> measured speeds: measured once per process
 
 
 def cpu_matmul_gflops(n=1024, reps=3):
-    """This CPU's matmul speed with the current thread count, {"float32": GFLOP/s, "bfloat16": GFLOP/s}: the
-    best of a few n x n products each, after a warm-up (well under a second where bf16 is native). Random
-    numbers come from a generator of its own, so measuring never shifts a seeded run."""
+    """This CPU's matmul speed with the current thread count, {"float32": GFLOP/s, "bfloat16": GFLOP/s}
+    (matmul_flops: well under a second where bf16 is native)."""
     threads = torch.get_num_threads()
     if threads not in _MATMUL_GFLOPS:
-        a, b = torch.randn(2, n, n, generator=torch.Generator().manual_seed(0))
-        speed = {}
-        for name in ("float32", "bfloat16"):
-            x, y = a.to(DTYPES[name]), b.to(DTYPES[name])
-            seconds = []
-            for _ in range(reps + 1):  # the first product pays for allocation and packing: dropped
-                t0 = time.perf_counter()
-                x @ y
-                seconds.append(time.perf_counter() - t0)
-            speed[name] = 2 * n ** 3 / min(seconds[1:]) / 1e9
-        _MATMUL_GFLOPS[threads] = speed
+        _MATMUL_GFLOPS[threads] = {name: matmul_flops("cpu", DTYPES[name], n, reps) / 1e9
+                                   for name in ("float32", "bfloat16")}
     return _MATMUL_GFLOPS[threads]
 
 
 def cpu_auto_dtype():
     """dtype=auto on a CPU -> (bf16, or None for fp32; why, in words): bf16 autocast where this CPU multiplies
     bf16 matrices faster than fp32 ones. Measured rather than read from CPU flags: some CPUs that report
-    AVX512-BF16 run bf16 matmuls slower than fp32 (README, Performance)."""
+    AVX512-BF16 run bf16 matmuls slower than fp32 (docs/training.md, Speed on a 2-core CPU)."""
     speed = cpu_matmul_gflops()
     bf16, fp32 = speed["bfloat16"], speed["float32"]
     choice = torch.bfloat16 if bf16 > fp32 else None
@@ -117,7 +123,7 @@ def inference_dtype(device_type, dtype, n_params):
     """The dtype the weights are cast to for generation: cast once rather than autocast every op, since
     half-precision weights halve the bytes read per token. auto: the training autocast dtype, except on a
     CPU for models under 50M parameters, whose decoding is bound by per-op overhead, higher in bf16
-    (README, Performance)."""
+    (docs/serving.md, sample.py)."""
     if dtype == "auto" and device_type == "cpu" and n_params < 50e6:
         return torch.float32
     return amp_dtype(device_type, dtype) or torch.float32
@@ -175,24 +181,15 @@ _PEAKS = {}  # (device, dtype) -> FLOP/s: measured once per process
 
 
 def peak_flops(device, dtype=None):
-    """This device's matmul rate in FLOP/s at dtype (None: fp32), measured: the denominator of MFU (train.py and
-    bench.py). Measured rather than read from a datasheet table: matching GPU names by substring mistakes one
-    card for another ("L40" for "L4"), and CPUs and unlisted GPUs have no entry."""
+    """This device's matmul rate in FLOP/s at dtype (None: fp32), measured once per process (a CPU: its dtype=auto
+    measurement): the denominator of MFU (train.py and bench.py). Measured rather than read from a datasheet
+    table: matching GPU names by substring mistakes one card for another ("L40" for "L4"), and CPUs and unlisted
+    GPUs have no entry."""
     name = str(dtype or torch.float32).removeprefix("torch.")
     if device == "cpu":
         return cpu_matmul_gflops()[name] * 1e9
     if (device, name) not in _PEAKS:
-        sync = torch.cuda.synchronize if device.startswith("cuda") else torch.mps.synchronize
-        generator = torch.Generator(device).manual_seed(0)  # never shifts a seeded run's random numbers
-        a = torch.randn(4096, 4096, device=device, generator=generator).to(DTYPES[name])
-        seconds = []
-        for _ in range(6):  # the first product pays for kernel selection: dropped
-            sync()
-            t0 = time.perf_counter()
-            a @ a
-            sync()
-            seconds.append(time.perf_counter() - t0)
-        _PEAKS[device, name] = 2 * 4096 ** 3 / min(seconds[1:])
+        _PEAKS[device, name] = matmul_flops(device, DTYPES[name], 4096, 5)
     return _PEAKS[device, name]
 
 

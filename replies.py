@@ -79,8 +79,7 @@ def reply_batch(model, enc, prompts, sampling, generator, on_text, should_stop, 
         if (text := stream.flush()) and on_text:  # the reply ended inside a character
             on_text(reply, text)
         reply.seconds = seconds
-        ended = reply.ids[-1:] and reply.ids[-1] in stop_ids  # not when should_stop ended it on a text token
-        ids = start + (reply.ids[:-1] if ended else reply.ids)  # the stop token may be a <|/user|>
+        ids = start + (reply.ids[:-1] if reply.finish == "stop" else reply.ids)  # the stop token may be <|/user|>
         thinking, reply.answer = split_thinking(ids, enc)
         reply.thinking = thinking if sp["<|think|>"] in ids else None
     return replies
