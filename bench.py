@@ -45,8 +45,9 @@ import numpy as np
 import torch
 
 from checkpoints import save_checkpoint
-from common import DTYPES, UserError, amp_dtype, autocast, peak_flops, resolve_device, run_main, save_json
+from common import UserError, run_main, save_json
 from data import TokenFile, get_batch, random_starts
+from device import DTYPES, amp_dtype, autocast, peak_flops, resolve_device
 from isolate import Child, ChildCrashed
 from model import Forge, ModelConfig
 from tokenizer import GPT2_RANKS_ENV

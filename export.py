@@ -5,7 +5,7 @@ Export a checkpoint for use outside this repo.
                      [--dtype float32|float16|bfloat16|q8_0]
 
   pt           DIR/model.pt           our state dict + model_args + tokenizer name, no optimizer state
-                                      (common.load_checkpoint reads it, with weights_only=True)
+                                      (checkpoints.load_checkpoint reads it, with weights_only=True)
   safetensors  DIR/model.safetensors  our tensor names; model_args and the tokenizer name in the metadata
   hf           DIR/hf/                a Hugging Face LlamaForCausalLM folder: config.json,
                                       generation_config.json, model.safetensors, tokenizer.json and
@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from checkpoints import build_model, load_checkpoint, load_tokenizer, save_checkpoint
-from common import DTYPES, UserError, run_main, save_json
+from common import UserError, run_main, save_json
+from device import DTYPES
 from inference import find_checkpoint
 from tokenizer import SPECIAL_TOKENS, read_ranks, special_ids
 

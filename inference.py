@@ -6,7 +6,8 @@ import os
 import torch
 
 from checkpoints import load_checkpoint, load_tokenizer
-from common import DTYPES, UserError, inference_dtype, resolve_device
+from common import UserError
+from device import DTYPES, inference_dtype, resolve_device
 
 
 def find_checkpoint(out_dir):
@@ -21,7 +22,7 @@ def add_model_args(parser):
     parser.add_argument("--out_dir", default="out", help="train.py's output directory (default: out)")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                        help="precision of the weights; auto: see inference_dtype in common.py")
+                        help="precision of the weights; auto: see inference_dtype in device.py")
     parser.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
     parser.add_argument("--seed", type=int, default=1337, help="same seed, same text")
 

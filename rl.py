@@ -35,8 +35,9 @@ from tqdm import tqdm
 
 import configurator
 from checkpoints import build_model, load_tokenizer
-from common import DTYPES, UserError, amp_dtype, autocast, inference_dtype, resolve_device
+from common import UserError
 from data import get_batch, load_data, random_starts, read_gsm8k, to_device
+from device import DTYPES, amp_dtype, autocast, inference_dtype, resolve_device
 from replies import generate_replies, is_correct
 from tasks import TASKS, difficulty_of, heldout_items, sample_problem
 from tokenizer import render_prompt

@@ -30,9 +30,10 @@ from tqdm import tqdm
 
 import configurator
 from checkpoints import build_model
-from common import (DTYPES, UserError, amp_dtype, autocast, choose_compile, compile_model, cpu_auto_dtype, peak_flops,
-                    setup_process)
+from common import UserError
 from data import get_batch, load_data, random_starts, to_device
+from device import (DTYPES, amp_dtype, autocast, choose_compile, compile_model, cpu_auto_dtype, peak_flops,
+                    setup_process)
 from training import (MetricsLog, StopFlag, add_nan_hook, check_optimizer_settings, clip_gradients, exit_if_stopped,
                       make_optimizer, optimizer_step, run_training, save_run, set_lr, stage_at)
 
@@ -66,7 +67,7 @@ grad_checkpoint = False  # recompute activations in backward: much less memory, 
 batch_size = 16
 grad_accum = 1
 max_iters = 1000
-optimizer = "muon"       # adamw | muon: Muon for the matrices inside the blocks, AdamW for the rest (common.py)
+optimizer = "muon"       # adamw | muon: Muon for the matrices inside the blocks, AdamW for the rest (training.py)
 learning_rate = 2e-3     # peak learning rate (AdamW's)
 muon_lr = 3e-3           # optimizer=muon: the matrices' peak learning rate, on the same schedule; 0: learning_rate
 min_lr = 2e-4            # the end of the schedule (Muon's: scaled by muon_lr / learning_rate)

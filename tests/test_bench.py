@@ -48,7 +48,7 @@ def test_quick_run_reports_finite_positive_numbers(tmp_path):
 
 def check_train_rows(results):
     """tokens/s is the batch over the step time, ours/peer the ratio of the step times, and MFU the model's FLOPs
-    per second over the peak the same run measured (bench.py's only peak: common.peak_flops)."""
+    per second over the peak the same run measured (bench.py's only peak: device.peak_flops)."""
     peaks = {r["dtype"]: r["TFLOP/s"] * 1e12 for r in results["peak"]}
     peak = peaks[results["env"]["dtype"]]  # the dtype the run resolved
     steps = {(r["size"], r["batch x context"], r["model"]): r["ms/step"] for r in results["train"]}

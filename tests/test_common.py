@@ -1,58 +1,11 @@
-"""common.py: device and precision choices, atomic JSON, and how a script's main turns a UserError into one line
-and exit status 1."""
+"""common.py: atomic JSON, and how a script's main turns a UserError into one line and exit status 1."""
 import json
 import os
 import subprocess
 import sys
 
-import pytest
-import torch
-
 import common
-from common import UserError
 from conftest import ROOT
-
-
-def test_device_and_dtype_choices_refuse_what_cannot_run_here():
-    assert common.resolve_device("cpu") == "cpu" and common.resolve_device("auto") in ("cpu", "cuda", "mps")
-    with pytest.raises(UserError, match="unknown device 'tpu'"):
-        common.resolve_device("tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="device 'cuda:1' is not available on this machine"):
-            common.resolve_device("cuda:1")
-    with pytest.raises(UserError, match="float16 is emulated on CPUs"):
-        common.amp_dtype("cpu", "float16")
-    with pytest.raises(UserError, match="dtype must be auto, float32, bfloat16 or float16, not 'fp8'"):
-        common.amp_dtype("cpu", "fp8")
-    assert common.amp_dtype("cpu", "float32") is None and common.amp_dtype("cpu", "bfloat16") == torch.bfloat16
-
-
-@pytest.mark.parametrize("bf16, fp32, expected", [(396.0, 156.0, torch.bfloat16), (142.0, 233.0, None)])
-def test_cpu_auto_dtype_follows_the_measured_matmul_speed(monkeypatch, bf16, fp32, expected):
-    """dtype=auto on a CPU picks whichever matmul measured faster (not what the CPU flags promise); an explicit
-    dtype is never measured."""
-    monkeypatch.setattr(common, "cpu_matmul_gflops", lambda: {"float32": fp32, "bfloat16": bf16})
-    choice, reason = common.cpu_auto_dtype()
-    assert choice == expected and common.amp_dtype("cpu") == expected and common.amp_dtype("cpu", "auto") == expected
-    assert reason.startswith(f"{'bfloat16' if expected else 'float32'} (bf16 matmul {bf16:.0f} GFLOP/s vs fp32 "
-                             f"{fp32:.0f} on this CPU")
-    monkeypatch.setattr(common, "cpu_matmul_gflops", lambda: pytest.fail("an explicit dtype was measured"))
-    assert common.amp_dtype("cpu", "float32") is None and common.amp_dtype("cpu", "bfloat16") == torch.bfloat16
-
-
-def test_cpu_matmul_speed_is_measured_once_and_leaves_the_global_rng_alone(monkeypatch):
-    monkeypatch.setattr(common, "_MATMUL_GFLOPS", {})
-    state = torch.get_rng_state()
-    speed = common.cpu_matmul_gflops(n=64, reps=1)
-    assert set(speed) == {"float32", "bfloat16"} and all(v > 0 for v in speed.values())
-    assert common.cpu_matmul_gflops() is speed and torch.equal(torch.get_rng_state(), state)
-
-
-def test_inference_dtype_keeps_small_models_in_fp32_on_a_cpu():
-    assert common.inference_dtype("cpu", "auto", 3e6) == torch.float32
-    assert common.inference_dtype("cpu", "bfloat16", 3e6) == torch.bfloat16
-    assert common.inference_dtype("cpu", "float32", 200e6) == torch.float32
-    assert common.inference_dtype("cpu", "auto", 200e6) == (common.amp_dtype("cpu") or torch.float32)
 
 
 def test_save_json_is_atomic_and_readable(tmp_path):
@@ -60,12 +13,6 @@ def test_save_json_is_atomic_and_readable(tmp_path):
     common.save_json({"accuracy": 0.5, "text": "café ✅"}, path)
     assert json.loads(path.read_text(encoding="utf-8")) == {"accuracy": 0.5, "text": "café ✅"}
     assert "café ✅" in path.read_text(encoding="utf-8") and os.listdir(tmp_path) == ["report.json"]
-
-
-def test_peak_flops_on_a_cpu_is_the_measured_matmul_speed(monkeypatch):
-    """MFU's denominator (train.py, bench.py) is measured, never looked up by device name."""
-    monkeypatch.setattr(common, "cpu_matmul_gflops", lambda: {"float32": 150.0, "bfloat16": 400.0})
-    assert common.peak_flops("cpu") == 150e9 and common.peak_flops("cpu", torch.bfloat16) == 400e9
 
 
 def test_run_main_prints_one_line_and_exits_1(tmp_path):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from checkpoints import load_checkpoint
-from common import UserError, inference_dtype
+from common import UserError
+from device import inference_dtype
 from conftest import BYTE, run_script
 
 
@@ -84,7 +85,7 @@ def test_inference_dtype_casts_weights_where_it_pays(tiny_ckpt, monkeypatch):
     with pytest.raises(UserError, match="float16 is emulated on CPUs"):
         inference_dtype("cpu", "float16", 3e6)
     # the rest as on a CPU with native bf16, whatever this machine has
-    monkeypatch.setattr("common.amp_dtype", lambda device_type, dtype="auto": {
+    monkeypatch.setattr("device.amp_dtype", lambda device_type, dtype="auto": {
         "auto": torch.bfloat16, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
     assert inference_dtype("cpu", "auto", 3e6) == torch.float32
     assert inference_dtype("cpu", "auto", 114e6) == torch.bfloat16

@@ -19,7 +19,8 @@ import configurator
 import train
 import training
 from checkpoints import load_checkpoint
-from common import UserError, autocast
+from common import UserError
+from device import autocast
 from data import get_batch, random_starts
 from conftest import ROOT, run_script, tiny_model, write_checkpoint
 from model import Forge, ModelConfig
@@ -182,7 +183,7 @@ def test_dtype_auto_on_a_cpu_follows_the_measurement_and_says_why(reasoning_data
                                                                   bf16, fp32, expected):
     """The measured-faster matmul decides dtype=auto (and with it compile=auto: off in fp32); the run prints the
     choice and the measurement. An explicit dtype is neither measured nor explained."""
-    monkeypatch.setattr("common.cpu_matmul_gflops", lambda: {"float32": fp32, "bfloat16": bf16})
+    monkeypatch.setattr("device.cpu_matmul_gflops", lambda: {"float32": fp32, "bfloat16": bf16})
     compile_flag = "--compile=False" if expected.startswith("autocast") else "--compile=auto"
     args = [*TINY, compile_flag, "--device=cpu", "--max_iters=1", f"--data_dir={reasoning_data}",
             f"--out_dir={tmp_path}"]
@@ -190,7 +191,7 @@ def test_dtype_auto_on_a_cpu_follows_the_measurement_and_says_why(reasoning_data
     out = capsys.readouterr().out
     assert f"dtype auto: {expected.split(',')[0].removeprefix('autocast ')} (bf16 matmul {bf16:.0f} GFLOP/s vs " \
            f"fp32 {fp32:.0f} on this CPU" in out and expected in out
-    monkeypatch.setattr("common.cpu_matmul_gflops", lambda: pytest.fail("an explicit dtype was measured"))
+    monkeypatch.setattr("device.cpu_matmul_gflops", lambda: pytest.fail("an explicit dtype was measured"))
     train.main([*args, "--dtype=float32"])
     out = capsys.readouterr().out
     assert "dtype auto" not in out and "float32, compile off" in out
