@@ -12,7 +12,6 @@ import torch
 
 from common import UserError
 from model import Forge, ModelConfig
-from tokenizer import get_tokenizer
 
 
 def save_checkpoint(ckpt, path):
@@ -57,11 +56,3 @@ def load_checkpoint(path, device="cpu"):
     """A checkpoint written by train.py or rl.py -> (model in eval mode on device, the checkpoint dict)."""
     ckpt = read_checkpoint(path, device)
     return build_model(ckpt["model_args"], ckpt["model"], path).to(device).eval(), ckpt
-
-
-def load_tokenizer(name):
-    """tokenizer.get_tokenizer, with its problems (an unknown name, no GPT-2 ranks offline) as UserError."""
-    try:
-        return get_tokenizer(name)
-    except ValueError as e:
-        raise UserError(str(e)) from None

@@ -1,7 +1,8 @@
 """
 What every script needs before anything else, and nothing heavy (no torch: prepare.py starts in a blink).
 
-    errors      UserError: a mistake the user can fix, in one line; run_main turns it into `name: error: …`
+    errors      UserError: a mistake the user can fix, in one line; run_main turns it into `name: error: …`;
+                load_tokenizer (its problems as UserError)
     files       save_json (atomic), robust_stdio
 
 Library functions raise UserError; only a script's main turns it into a message and exit status 1. The other
@@ -10,6 +11,8 @@ shared files are named by their job: device.py, checkpoints.py, data.py, inferen
 import json
 import os
 import sys
+
+from tokenizer import get_tokenizer
 
 # ----------------------------------------------------------------------------- errors
 
@@ -25,6 +28,14 @@ def run_main(main, *args):
     except UserError as e:
         script = os.path.basename(sys.modules[main.__module__].__file__)
         sys.exit(f"{script}: error: {e}")
+
+
+def load_tokenizer(name):
+    """tokenizer.get_tokenizer, with its problems (an unknown name, no GPT-2 ranks offline) as UserError."""
+    try:
+        return get_tokenizer(name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- files and text

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import build_model, load_checkpoint, load_tokenizer, save_checkpoint
-from common import UserError, run_main, save_json
+from checkpoints import build_model, load_checkpoint, save_checkpoint
+from common import UserError, load_tokenizer, run_main, save_json
 from device import DTYPES
 from inference import find_checkpoint
 from tokenizer import SPECIAL_TOKENS, read_ranks, special_ids

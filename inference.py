@@ -5,8 +5,8 @@ import os
 
 import torch
 
-from checkpoints import load_checkpoint, load_tokenizer
-from common import UserError
+from checkpoints import load_checkpoint
+from common import UserError, load_tokenizer
 from device import DTYPES, inference_dtype, resolve_device
 
 

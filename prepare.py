@@ -26,8 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm import tqdm
 
-from checkpoints import load_tokenizer
-from common import UserError, run_main, save_json
+from common import UserError, load_tokenizer, run_main, save_json
 from tasks import Difficulty, sample_problem
 from tokenizer import TOKENIZERS, padded_vocab_size, render_conversation, special_ids
 from training import StopFlag

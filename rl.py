@@ -34,8 +34,8 @@ import torch
 from tqdm import tqdm
 
 import configurator
-from checkpoints import build_model, load_tokenizer
-from common import UserError
+from checkpoints import build_model
+from common import UserError, load_tokenizer
 from data import get_batch, load_data, random_starts, read_gsm8k, to_device
 from device import DTYPES, amp_dtype, autocast, inference_dtype, resolve_device
 from replies import generate_replies, is_correct

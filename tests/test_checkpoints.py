@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from checkpoints import build_model, load_checkpoint, load_tokenizer, read_checkpoint
+from checkpoints import build_model, load_checkpoint, read_checkpoint
+from common import load_tokenizer
 from common import UserError
 from conftest import tiny_model, write_checkpoint
 from inference import find_checkpoint
