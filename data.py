@@ -19,7 +19,7 @@ class TokenFile:
     the file's size. The page cache still keeps what was read, but that is the kernel's to reclaim."""
 
     def __init__(self, path, dtype):
-        self.dtype = np.dtype(dtype)
+        self.dtype, self.path = np.dtype(dtype), path
         self.fd = os.open(path, os.O_RDONLY)
         weakref.finalize(self, os.close, self.fd)  # closed with the TokenFile (and at exit)
         self.size = os.fstat(self.fd).st_size // self.dtype.itemsize
@@ -35,8 +35,10 @@ class TokenFile:
         return np.frombuffer(os.pread(self.fd, max(stop - start, 0) * size, start * size), self.dtype)
 
 
-def load_data(data_dir, splits=("train", "val")):
-    """meta.json and {split: (tokens, mask or None)}: prepare.py's files as TokenFiles (read on demand)."""
+def load_data(data_dir, splits=("train", "val"), documents=False):
+    """meta.json and {split: (tokens, loss mask or None, document index or None)}: prepare.py's files as TokenFiles
+    (read on demand). The index ({split}_index.bin: where each document's <|bos|> is) is read for documents=True
+    (train.py's windows="documents") and required then."""
     default_dir = os.path.normpath(data_dir) == os.path.join("data", "reasoning")
     fix = "run `python prepare.py`" if default_dir else f"run `python prepare.py [DATASET ...] --out_dir {data_dir}`"
     meta_path = os.path.join(data_dir, "meta.json")
@@ -55,11 +57,18 @@ def load_data(data_dir, splits=("train", "val")):
         if not os.path.isfile(path):
             raise UserError(f"{path} is missing: {fix} again")
         tokens = TokenFile(path, np.uint16)
-        mask_path = os.path.join(data_dir, f"{split}_mask.bin")
-        mask = TokenFile(mask_path, np.uint8) if os.path.isfile(mask_path) else None
+        mask, index = (TokenFile(p, dtype) if os.path.isfile(p) else None for p, dtype in
+                       ((os.path.join(data_dir, f"{split}_mask.bin"), np.uint8),
+                        (os.path.join(data_dir, f"{split}_index.bin"), np.uint64)))
         if mask is not None and len(mask) != len(tokens):
-            raise UserError(f"{mask_path} has {len(mask)} entries for {len(tokens)} tokens: {fix} again")
-        bins[split] = (tokens, mask)
+            raise UserError(f"{mask.path} has {len(mask)} entries for {len(tokens)} tokens: {fix} again")
+        if documents and index is None:
+            raise UserError(f"{split}_index.bin is missing in {data_dir} (prepared before prepare.py indexed "
+                            f"documents): {fix} again, or use windows=random")
+        if index is not None and len(index) != meta.get(split, {}).get("documents", len(index)):
+            raise UserError(f"{index.path} has {len(index)} documents, meta.json says otherwise: {fix} again")
+        index = index if documents else None
+        bins[split] = (tokens, mask, index)
     return meta, bins
 
 
@@ -76,9 +85,23 @@ def get_batch(tokens, mask, starts, block_size):
     return x, y
 
 
-def random_starts(tokens, batch_size, block_size, generator=None):
-    """batch_size random window starts in tokens, from torch's RNG (or generator)."""
-    return torch.randint(len(tokens) - block_size, (batch_size,), generator=generator).numpy()
+def random_starts(tokens, batch_size, block_size, generator=None, index=None):
+    """batch_size random window starts in tokens, from torch's RNG (or generator). With a document index (load_data's
+    third item: train.py's windows="documents"), each window starts at a random document's <|bos|>, among those a
+    whole window fits after, and is filled with the documents that follow: no window starts inside a document."""
+    if index is None:
+        return torch.randint(len(tokens) - block_size, (batch_size,), generator=generator).numpy()
+    picks = torch.randint(count_below(index, len(tokens) - block_size), (batch_size,), generator=generator)
+    return np.array([index[k:k + 1][0] for k in picks.tolist()], dtype=np.int64)
+
+
+def count_below(index, limit):
+    """How many entries of a sorted index are below limit: a binary search, one read per step."""
+    lo, hi = 0, len(index)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if index[mid:mid + 1][0] < limit else (lo, mid)
+    return lo
 
 
 def to_device(batch, device):

@@ -48,7 +48,7 @@ def read_val(data_dir, model, enc):
     if meta["tokenizer"] != enc.name:
         raise UserError(f"{data_dir} was prepared with the {meta['tokenizer']} tokenizer, the checkpoint uses "
                         f"{enc.name}")
-    tokens, mask = bins["val"]
+    tokens, mask, _ = bins["val"]
     chunk = 1 << 22  # 8 MB at a time: the val.bin of a big corpus may not fit in memory at once
     top = max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=0)
     if top >= model.config.vocab_size:

@@ -53,6 +53,8 @@ resume = False             # continue out_dir/ckpt.pt: same step, optimizer, pas
 data_dir = ""              # the prepared data the checkpoint was trained on (its difficulty, eval.py's val loss);
                            # "": the init checkpoint's own data_dir
 gsm8k = ""                 # a GSM8K-style jsonl ({question, answer "... #### N"}): rewards on its final numbers
+gsm8k_eval = ""            # the held-out jsonl for the evaluation and best.pt (GSM8K's test split); "": the last
+                           # eval_items records of gsm8k
 eval_interval = 30         # greedy evaluation on held-out problems every this many steps (and at the end)
 eval_items = 100           # held-out problems per task for that evaluation (answered in batches: seconds)
 ckpt_interval = 20         # save out_dir/ckpt.pt every this many steps (and on exit)
@@ -117,17 +119,23 @@ def settings(argv):
 
 
 class Problems:
-    """Where the problems come from: the built-in tasks (training side), or a GSM8K file whose last eval_items
-    records are kept for evaluation. Draws favour the tasks with the lowest running pass rate."""
+    """Where the problems come from: the built-in tasks (training side), or a GSM8K file, evaluated on the first
+    eval_items of gsm8k_eval (else on gsm8k's last eval_items, kept out of training). A training record whose
+    question is also held out is dropped. Draws favour the tasks with the lowest running pass rate."""
 
     def __init__(self, cfg, difficulty):
         self.difficulty = difficulty
         if cfg.gsm8k:
             items = read_gsm8k(cfg.gsm8k)
-            if len(items) <= cfg.eval_items:
+            if not cfg.gsm8k_eval and len(items) <= cfg.eval_items:
                 raise UserError(f"{cfg.gsm8k} holds {len(items)} records: more than eval_items={cfg.eval_items} "
-                                "are needed (the last eval_items are held out for evaluation)")
-            self.train, self.heldout, self.tasks = items[:-cfg.eval_items], items[-cfg.eval_items:], ["gsm8k"]
+                                "are needed (the last eval_items are held out for evaluation), or set gsm8k_eval")
+            self.heldout = read_gsm8k(cfg.gsm8k_eval, cfg.eval_items) if cfg.gsm8k_eval else items[-cfg.eval_items:]
+            held = {messages[0]["content"].strip() for _, messages, _ in self.heldout}
+            self.train = [item for item in items if item[1][0]["content"].strip() not in held]
+            if not self.train:
+                raise UserError(f"every record of {cfg.gsm8k} is held out: train on another file than gsm8k_eval")
+            self.tasks = ["gsm8k"]
         else:
             self.train = None
             self.heldout = list(heldout_items(cfg.eval_items * len(TASKS), VALIDATION_SEED, difficulty))
@@ -251,7 +259,7 @@ def policy_gradient(model, batch, groups, constant, scaler, ctx):
 
 def supervised_mixin(model, bins, cfg, iter_num, scaler, ctx):
     """Backward sft_coef x train.py's loss on sft_batch_size windows of the training data -> {"sft_loss": loss}."""
-    tokens, mask = bins["train"]
+    tokens, mask, _ = bins["train"]
     T = model.config.block_size
     starts = random_starts(tokens, cfg.sft_batch_size, T, torch.Generator().manual_seed(cfg.seed + iter_num))
     x, y = to_device(get_batch(tokens, mask, starts, T), str(model.device))

@@ -81,6 +81,7 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0          # 0: no clipping
 seq_curriculum = []      # [(from_iter, block_size, batch_size), ...]: shorter windows first (Yxanul)
+windows = "random"       # random | documents: windows start anywhere, or at a document's <|bos|> (prepare's index)
 max_nonfinite = 5        # stop after this many non-finite losses / gradients in a row
 # system
 device = "auto"          # auto | cpu | cuda | mps (torchrun: the local GPU)
@@ -90,7 +91,7 @@ seed = 1337
 
 DEFAULTS = configurator.defaults_of(globals())
 CHOICES = {"compile": ("auto", True, False), "device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", *DTYPES),
-           "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd")}
+           "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd"), "windows": ("random", "documents")}
 ARCHITECTURE = ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "emb_rank")
 
 
@@ -190,11 +191,11 @@ def estimate_loss(model, splits, cfg, ctx, device, rank, world):
     evaluation, so successive losses differ only because the model did."""
     model.eval()
     losses = {}
-    for split, (tokens, mask) in splits.items():
+    for split, (tokens, mask, index) in splits.items():
         generator = torch.Generator().manual_seed(cfg.seed + rank)
         total = torch.zeros((), device=device)
         for _ in range(cfg.eval_iters):
-            starts = random_starts(tokens, cfg.batch_size, cfg.block_size, generator)
+            starts = random_starts(tokens, cfg.batch_size, cfg.block_size, generator, index)
             x, y = to_device(get_batch(tokens, mask, starts, cfg.block_size), device)
             with ctx:
                 total += model(x, y)[1].float()
@@ -221,8 +222,8 @@ def read_data(cfg, say):
     if cfg.dry_run and not os.path.isfile(os.path.join(cfg.data_dir, "meta.json")):
         say(f"dry run: {cfg.data_dir} is not prepared yet; assuming the GPT-2 tokenizer's vocabulary (50304)")
         return {"tokenizer": "gpt2", "vocab_size": 50304}, {}
-    meta, splits = load_data(cfg.data_dir, splits=() if cfg.dry_run else ("train", "val"))
-    for split, (tokens, _) in splits.items():
+    meta, splits = load_data(cfg.data_dir, () if cfg.dry_run else ("train", "val"), cfg.windows == "documents")
+    for split, (tokens, _, _) in splits.items():
         if len(tokens) <= cfg.block_size:  # curriculum stages are no longer (check_config)
             raise UserError(f"{split}.bin holds {len(tokens)} tokens, too few for block_size={cfg.block_size}: "
                             "lower block_size or prepare more data")
@@ -249,7 +250,7 @@ def describe(cfg, meta, model, amp, world, device, master, say):
 
 def describe_start(cfg, ckpt, splits, device, amp, use_compile, iter_num, say, master):
     """Where the run runs and what it starts from."""
-    train_tokens, train_mask = splits["train"]
+    train_tokens, train_mask, _ = splits["train"]
     say(f"device: {device}{f' ({torch.cuda.get_device_name(device)})' if device.startswith('cuda') else ''}, "
         f"{'autocast ' + str(amp).removeprefix('torch.') if amp else 'float32'}, compile "
         f"{'on' if use_compile else 'off'}; data: {len(train_tokens):,} train / {len(splits['val'][0]):,} val tokens"
@@ -332,10 +333,11 @@ def main(argv):
     del ckpt
     ctx = autocast(device_type, amp)
     T, B = stage_at(cfg, iter_num)
-    train_tokens, train_mask = splits["train"]
+    train_tokens, train_mask, train_index = splits["train"]
 
     def next_batch():  # B random windows of T tokens (the current curriculum stage), on the device
-        return to_device(get_batch(train_tokens, train_mask, random_starts(train_tokens, B, T), T), device)
+        starts = random_starts(train_tokens, B, T, index=train_index)
+        return to_device(get_batch(train_tokens, train_mask, starts, T), device)
     t0 = time.perf_counter()
     model = compile_model(raw_model, next_batch(), ctx) if use_compile else raw_model
     compile_time, use_compile = time.perf_counter() - t0, model is not raw_model

@@ -1,13 +1,17 @@
 # Stage three on a GPU: reinforcement learning on GSM8K for Forge-1 Nano after pretraining and chat /
 # chain-of-thought fine-tuning. Rewards compare the final number of the answer with GSM8K's "#### N".
-#   needs: out-sft/best.pt (python train.py config/nano_3050ti.py, then config/sft_chat.py) and GSM8K's
-#          train split as jsonl: python -c "import datasets; datasets.load_dataset('openai/gsm8k', 'main',
-#          split='train').to_json('data/gsm8k_train.jsonl')"
-#   run:   python rl.py config/rl_gsm8k_nano.py      then: python eval.py --out_dir out-rl-gsm8k --gsm8k FILE
-# The last eval_items records of the file are held out for the periodic evaluation and best.pt.
+#   needs: out-sft/best.pt (python train.py config/nano_3050ti.py, then config/sft_chat.py) and GSM8K's two
+#          splits as jsonl: python -c "import datasets; [datasets.load_dataset('openai/gsm8k', 'main', split=s)
+#          .to_json(f'data/gsm8k_{s}.jsonl') for s in ('train', 'test')]"
+#          (or grade_school_math/data/{train,test}.jsonl from github.com/openai/grade-school-math)
+#   run:   python rl.py config/rl_gsm8k_nano.py
+#   then:  python eval.py --out_dir out-rl-gsm8k --gsm8k data/gsm8k_test.jsonl
+# Held out means held out: sft_chat.py fine-tunes on GSM8K's train split, so the evaluation and best.pt use
+# the first eval_items problems of the test split.
 init_from = "out-sft/best.pt"
 out_dir = "out-rl-gsm8k"
 gsm8k = "data/gsm8k_train.jsonl"
+gsm8k_eval = "data/gsm8k_test.jsonl"
 max_iters = 500
 problems_per_step = 16
 group_size = 8

@@ -29,7 +29,7 @@ def test_load_data_and_consecutive_windows(tmp_path):
     write_data(tmp_path, tokens, mask)
     meta, bins = data.load_data(str(tmp_path))
     assert meta["vocab_size"] == 320 and set(bins) == {"train", "val"}
-    x, y = data.get_batch(*bins["val"], starts=[0, 10, 20], block_size=10)  # the val loss's consecutive windows
+    x, y = data.get_batch(*bins["val"][:2], starts=[0, 10, 20], block_size=10)  # the val loss's consecutive windows
     assert x.dtype == y.dtype == torch.int64 and x.shape == (3, 10)
     assert x.flatten().tolist() == list(range(30))
     expected = [t if t % 3 else -1 for t in range(1, 31)]  # targets whose mask is 0 are ignored (-1)
@@ -54,6 +54,31 @@ def test_load_data_errors_say_what_to_run(tmp_path, breakage, message):
         np.ones(99, dtype=np.uint8).tofile(tmp_path / "train_mask.bin")
     with pytest.raises(UserError, match=re.escape(message)):
         data.load_data(str(tmp_path))
+
+
+def test_document_windows_start_at_a_document(reasoning_data):
+    """windows="documents": every window starts at a <|bos|> that prepare.py indexed, any document a whole window
+    fits after can be drawn, and the same generator draws the same windows."""
+    meta, bins = data.load_data(reasoning_data, ("val",), documents=True)
+    tokens, mask, index = bins["val"]
+    bos, T = meta["special_tokens"]["<|bos|>"], 256
+    starts = data.random_starts(tokens, 4000, T, torch.Generator().manual_seed(0), index)
+    x, _ = data.get_batch(tokens, mask, starts[:64], T)
+    assert (x[:, 0] == bos).all()
+    all_starts = index[0:len(index)].astype(np.int64)
+    fitting = all_starts[all_starts < len(tokens) - T]
+    assert set(starts.tolist()) <= set(fitting.tolist()) and len(set(starts.tolist())) > 0.8 * len(fitting)
+    assert np.array_equal(starts, data.random_starts(tokens, 4000, T, torch.Generator().manual_seed(0), index))
+    for limit in (0, 1, 257, int(fitting[-1]), int(fitting[-1]) + 1, len(tokens)):
+        assert data.count_below(index, limit) == np.searchsorted(all_starts, limit)
+    assert data.load_data(reasoning_data, ("val",))[1]["val"][2] is None  # windows=random never reads it
+
+
+def test_document_windows_need_the_index(tmp_path):
+    write_data(tmp_path, np.arange(100))
+    with pytest.raises(UserError, match=r"val_index.bin is missing in .* \(prepared before prepare.py indexed "
+                                        r"documents\): run .* again, or use windows=random"):
+        data.load_data(str(tmp_path), ("val",), documents=True)
 
 
 def test_token_file_slices_like_an_array(tmp_path):
@@ -86,7 +111,7 @@ def rss_file_growth(data_dir):
     T = 2047  # windows of 2048 tokens: a 4 KiB page each, so starts one window apart touch every page
     starts = np.random.default_rng(0).permutation(np.arange(0, len(kept_open[0]) - T, T + 1))
     growth = {}
-    for reader, (tokens, mask) in (("load_data", bins["train"]), ("memmap", kept_open)):
+    for reader, (tokens, mask) in (("load_data", bins["train"][:2]), ("memmap", kept_open)):
         data.get_batch(tokens, mask, starts[:64], T)  # warm up: libraries loaded on first use are not the data
         before = rss_file()
         for i in range(0, len(starts), 64):

@@ -2,6 +2,7 @@
 through the .bin files, every recipe on a local fixture in its dataset's real schema, local files, and the command
 line's errors and interruptions. The tasks themselves (answers, traces, held-out split) are tests/test_tasks.py's."""
 import collections
+import itertools
 import json
 import os
 import re
@@ -78,7 +79,8 @@ def default_run(tmp_path_factory):
 
 def test_default_run_is_offline_and_complete(default_run):
     out, proc = default_run
-    assert sorted(os.listdir(out)) == ["meta.json", "train.bin", "train_mask.bin", "val.bin", "val_mask.bin"]
+    assert sorted(os.listdir(out)) == ["meta.json", "train.bin", "train_index.bin", "train_mask.bin", "val.bin",
+                                       "val_index.bin", "val_mask.bin"]
     meta = json.loads((out / "meta.json").read_text())
     assert meta["tokenizer"] == "byte" and meta["vocab_size"] == 320 and meta["mask"] is True
     assert meta["special_tokens"]["<|think|>"] == THINK
@@ -217,9 +219,11 @@ def write_parquet(path, records):
 
 
 def docs_of(spec, tmp_args=()):
+    """The documents a dataset argument yields, and how many of its records were skipped as malformed."""
     args = prepare.parse_args([spec, *tmp_args])
-    stats = prepare.new_stats()
-    return list(prepare.documents(prepare.open_source(spec, args), stats)), stats
+    source = prepare.open_source(spec, args)
+    items = [doc for _, doc in prepare.documents(source, itertools.islice(source.read(None), args.max_samples))]
+    return [d for d in items if not isinstance(d, Exception)], {"skipped": sum(isinstance(d, Exception) for d in items)}
 
 
 def normalized(doc):
@@ -236,20 +240,52 @@ def test_recipe_on_local_file_in_real_schema(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["gsm8k", "fineweb-edu"])
-def test_recipe_from_the_hub_streams_when_sampling(monkeypatch, name):
+def test_recipe_from_the_hub_always_streams(monkeypatch, name):
+    """Sampled or not, a Hub dataset is streamed: no download ahead, no Arrow copy of it on disk."""
+    import datasets
     calls = []
 
     def fake_load_dataset(path, config=None, **kwargs):  # stands in for the Hub: same records, same call
         calls.append((path, config, kwargs))
-        return iter(FIXTURES[name][0] * 5)
-    import datasets
+        return datasets.Dataset.from_list(FIXTURES[name][0] * 5).to_iterable_dataset()
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     docs, _ = docs_of(name, ["--max_samples", "3"])
     assert [normalized(d) for d in docs] == (FIXTURES[name][1] * 3)[:3]
-    path, config, _ = prepare.RECIPES[name]
-    assert calls == [(path, config, {"split": "train", "streaming": True})]
-    docs_of(name)
-    assert calls[1][:2] == (path, config) and not calls[1][2].get("streaming")
+    recipe = prepare.RECIPES[name]
+    assert calls == [(recipe.hub, recipe.config, {"split": "train", "streaming": True})]
+    assert len(docs_of(name)[0]) == len(FIXTURES[name][1] * 5) and calls[1] == calls[0]
+
+
+def test_hub_stream_resumes_from_its_own_state(monkeypatch):
+    import datasets
+    records = [{"text": f"Document number {i}."} for i in range(50)]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list(records)
+                        .to_iterable_dataset(num_shards=4))
+    read = list(prepare.hub_records("fineweb-edu", None))
+    assert [rec for _, rec in read] == records
+    for k in (0, 11, 12, 49):
+        position = json.loads(json.dumps(read[k][0]))  # as progress.json keeps it
+        assert [rec for _, rec in prepare.hub_records("fineweb-edu", position)] == records[k + 1:]
+
+
+def test_hub_json_array_is_read_from_its_file_record_by_record(monkeypatch, tmp_path):
+    """OpenHermes-2.5 is one JSON array: datasets would parse all 1.94 GB before the first record. It is read
+    from the Hub's file instead, only as far as --max_samples needs (what follows here is not even JSON)."""
+    import huggingface_hub
+    rows = [{"conversations": [{"from": "human", "value": f"Question {i} é"}, {"from": "gpt", "value": f"A{i}"}]}
+            for i in range(5)]
+    path = tmp_path / "openhermes2_5.json"
+    path.write_text(json.dumps(rows)[:-1] + ", this is not JSON")
+    opened = []
+
+    class FakeHubFiles:  # HfFileSystem's open: a seekable binary file
+        def open(self, name, mode, block_size=None):
+            opened.append(name)
+            return open(path, mode)
+    monkeypatch.setattr(huggingface_hub, "HfFileSystem", FakeHubFiles)
+    docs, _ = docs_of("openhermes", ["--max_samples", "4"])
+    assert [d[0]["content"] for d in docs] == [f"Question {i} é" for i in range(4)]
+    assert opened == ["datasets/teknium/OpenHermes-2.5/openhermes2_5.json"]
 
 
 def test_all_recipes_mixed_into_one_output(tmp_path):
@@ -403,18 +439,128 @@ def test_hub_or_gpt2_ranks_unreachable_is_one_line(tmp_path):
     assert line.startswith("prepare.py: error: cannot load the GPT-2 BPE ranks") and "--tokenizer byte" in line
 
 
+# ---------------------------------------------------------------------------------- streaming, resuming, documents
+
+def outputs(out):
+    """Every file of a finished output folder -> its bytes; meta.json's content but the command (its --out_dir)."""
+    files = {name: (out / name).read_bytes() for name in sorted(os.listdir(out))}
+    files["meta.json"] = {k: v for k, v in json.loads(files["meta.json"]).items() if k != "command"}
+    return files
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_interrupted_run_leaves_no_train_bin(tmp_path, sig):
+def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, sig):
+    """Ctrl-C or kill -9 halfway, then --resume: every file is byte-identical to an uninterrupted run's, and the
+    resumed run started after what was committed (it did not tokenize it again)."""
+    text = "\n\n".join(f"Paragraph {i}: " + "a story about a fox and a dog " * (i % 9 + 1) for i in range(40000))
+    (tmp_path / "big.txt").write_text(text)  # ~6M byte tokens: six commits
+    command = [sys.executable, os.path.join(ROOT, "prepare.py"), str(tmp_path / "big.txt"), "--tokenizer", "byte"]
+    subprocess.run(command + ["--out_dir", str(tmp_path / "whole")], check=True, capture_output=True)
     out = tmp_path / "o"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "prepare.py"), "--max_samples", "5000000",
-                             "--out_dir", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not ((out / "train.bin.tmp").exists() and (out / "train.bin.tmp").stat().st_size > 0):
+    proc = subprocess.Popen(command + ["--out_dir", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not (out / "progress.json").exists():
         assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0
-    assert not (out / "train.bin").exists() and not (out / "meta.json").exists()
-    if sig == signal.SIGINT:  # a clean interruption also removes its temporary files and the new folder
-        assert not out.exists() and err.strip() == "prepare.py: interrupted; nothing was written"
+    assert proc.returncode != 0 and not (out / "train.bin").exists() and not (out / "meta.json").exists()
+    if sig == signal.SIGINT:
+        assert err.strip() == ("prepare.py: interrupted; what was prepared is kept: the same command with --resume "
+                               "goes on from there")
+    done = json.loads((out / "progress.json").read_text())["records"]
+    assert 0 < done < 40000
+    returncode, stdout, stderr = run_script("prepare.py", *command[2:], "--out_dir", out, "--resume")
+    assert returncode == 0, stderr
+    assert outputs(out) == outputs(tmp_path / "whole")
+
+
+def test_resume_needs_the_same_settings_and_something_to_resume(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"question": "a", "answer": "b"}\n{"question": "c", "answer": \n')
+    out = ["--out_dir", tmp_path / "o"]
+    line = one_line_error(run_script("prepare.py", tmp_path / "a.jsonl", "--tokenizer", "byte", *out))
+    assert "a.jsonl:2: invalid JSON at byte 33 (Expecting value); what came before is kept (1 records of a)" in line
+    line = one_line_error(run_script("prepare.py", tmp_path / "a.jsonl", "--tokenizer", "byte", "--seed", 1, *out,
+                                     "--resume"))
+    assert "o holds an interrupted run of `python prepare.py" in line and "without --resume" in line
+    line = one_line_error(run_script("prepare.py", "--out_dir", tmp_path / "new", "--resume"))
+    assert "nothing to resume" in line and not (tmp_path / "new").exists()
+
+
+def test_truncated_json_array_names_the_byte_and_keeps_what_came_before(tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": f"Question {i}?"}, {"from": "gpt", "value": f"A{i}."}]}
+            for i in range(3000)]
+    whole = json.dumps(rows)
+    cut = whole.index('{"conversations"', len(whole) // 2) + 30  # inside a record halfway
+    (tmp_path / "oh.json").write_text(whole[:cut])
+    spec = f"openhermes={tmp_path / 'oh.json'}"
+    line = one_line_error(run_script("prepare.py", spec, "--tokenizer", "byte", "--out_dir", tmp_path / "o"))
+    start = whole.rindex('{"conversations"', 0, cut)
+    assert f"oh.json:1: invalid JSON at byte {start} (" in line
+    kept = json.loads((tmp_path / "o" / "progress.json").read_text())["records"]
+    assert kept == whole[:start].count('{"conversations"')
+    (tmp_path / "oh.json").write_text(whole)  # the download finished
+    main([spec, "--tokenizer", "byte", "--out_dir", str(tmp_path / "o"), "--resume"])
+    main([spec, "--tokenizer", "byte", "--out_dir", str(tmp_path / "whole")])
+    assert outputs(tmp_path / "o") == outputs(tmp_path / "whole")
+
+
+def test_json_records_across_chunk_boundaries(monkeypatch, tmp_path):
+    """A JSON file is read a few bytes at a time (values, numbers and UTF-8 characters cut anywhere); resuming
+    from any record's position gives the records after it."""
+    monkeypatch.setattr(prepare.JsonText, "CHUNK", 7)
+    rows = [{"text": "naïve café ✅ " * (i % 3), "n": 12345.678 * i, "ok": i % 2 == 0, "none": None, "l": [i, -i]}
+            for i in range(40)]
+    for name, body in (("array.json", json.dumps(rows, indent=1)), ("lines.json", "\n".join(map(json.dumps, rows))),
+                       ("lines.jsonl", "\n\n".join(map(json.dumps, rows)) + "\n")):
+        (tmp_path / name).write_text(body, encoding="utf-8")
+        read = list(prepare.file_records(str(tmp_path / name), None))
+        assert [rec for _, rec in read] == rows, name
+        for k in (0, 17, 39):
+            assert [rec for _, rec in prepare.file_records(str(tmp_path / name), read[k][0])] == rows[k + 1:]
+    (tmp_path / "bad.json").write_text(json.dumps(rows[:3])[:-1] + ", {\"text\": 1,, }]")
+    with pytest.raises(UserError, match=r"bad\.json:1: invalid JSON at byte \d+ \(Expecting property name"):
+        list(prepare.file_records(str(tmp_path / "bad.json"), None))
+
+
+def test_max_samples_reads_only_what_it_needs(tmp_path):
+    """--max_samples N stops reading after N records: the rest of the file is never parsed."""
+    rows = [{"conversations": [{"from": "human", "value": f"Q{i}"}, {"from": "gpt", "value": f"A{i}"}]}
+            for i in range(10)]
+    path = tmp_path / "oh.json"
+    path.write_text(json.dumps(rows)[:-1] + ", and then something that is not JSON at all")
+    for spec in (str(path), f"openhermes={path}"):  # a plain file, and the recipe on the Hub's file
+        docs, stats = docs_of(spec, ["--max_samples", "10"])
+        assert [d[1]["content"] for d in docs] == [f"A{i}" for i in range(10)] and stats["skipped"] == 0
+    main([str(path), "--max_samples", "10", "--tokenizer", "byte", "--val_fraction", "0.3", "--out_dir",
+          str(tmp_path / "o")])
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert meta["train"]["documents"] + meta["val"]["documents"] == 10
+
+
+def test_document_index_and_max_doc_tokens(tmp_path):
+    rows = [{"question": "Q" * (i % 50), "answer": f"A{i}"} for i in range(400)]
+    (tmp_path / "qa.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    main([str(tmp_path / "qa.jsonl"), "--tokenizer", "byte", "--max_doc_tokens", "40", "--out_dir",
+          str(tmp_path / "o")])
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    lengths = [len(render_conversation([{"role": "user", "content": r["question"]},
+                                        {"role": "assistant", "content": r["answer"]}], BYTE)[0]) for r in rows]
+    assert meta["sources"]["qa"]["too_long"] == sum(n > 40 for n in lengths) > 0 and meta["max_doc_tokens"] == 40
+    for split in ("train", "val"):
+        ids = np.fromfile(tmp_path / "o" / f"{split}.bin", np.uint16)
+        index = np.fromfile(tmp_path / "o" / f"{split}_index.bin", np.uint64).astype(np.int64)
+        docs = read_split(tmp_path / "o", split)
+        assert len(index) == len(docs) == meta[split]["documents"]
+        assert index.tolist() == np.cumsum([0] + [len(d) for d, _ in docs[:-1]]).tolist()
+        assert (ids[index] == BOS).all() and all(len(d) <= 40 for d, _ in docs)
+
+
+def test_text_dump_of_a_recipe_splits_on_its_separator(tmp_path):
+    """TinyStories-train.txt separates stories with <|endoftext|> lines; a story keeps its blank lines."""
+    (tmp_path / "TinyStories-train.txt").write_text("Once upon a time.\n\nThe end.\n<|endoftext|>\nTom ran.\n"
+                                                     "<|endoftext|>\n\n<|endoftext|>\nLily sang.\n")
+    docs, _ = docs_of(f"tinystories={tmp_path / 'TinyStories-train.txt'}")
+    assert docs == ["Once upon a time.\n\nThe end.", "Tom ran.", "Lily sang."]
+    assert docs_of(str(tmp_path / "TinyStories-train.txt"))[0][0] == "Once upon a time."  # plain .txt: paragraphs

@@ -5,11 +5,15 @@ line."""
 import contextlib
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -215,18 +219,55 @@ def test_bad_inputs_are_one_line_errors(tmp_path, case, message):
     assert code == 1 and err.startswith("rl.py: error:") and err.count("\n") == 1 and message in err, err
 
 
-def test_gsm8k_mode_holds_out_the_last_records(tmp_path):
+def test_gsm8k_mode_without_a_test_file_holds_out_the_last_records(tmp_path):
     records = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(6)]
     (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     init = write_checkpoint(tiny_model(seed=4), tmp_path / "init.pt")
     cfg, _ = rl.settings(["config/rl_gsm8k_nano.py", f"--init_from={init}", f"--gsm8k={tmp_path}/g.jsonl",
-                          "--eval_items=2"])
+                          "--gsm8k_eval=", "--eval_items=2"])
     problems = rl.Problems(cfg, difficulty=None)
     assert [a for _, _, a in problems.heldout] == ["8", "10"] and len(problems.train) == 4
     drawn = problems.draw(20, rl.random.Random(0), cfg.task_floor)
     assert {t for t, _, _ in drawn} == {"gsm8k"} and {a for _, _, a in drawn} <= {"0", "2", "4", "6"}
     rl.main(["config/rl_gsm8k_nano.py", f"--init_from={init}", f"--gsm8k={tmp_path}/g.jsonl", f"--out_dir={tmp_path}/o",
-             "--eval_items=2", "--max_iters=1", "--problems_per_step=2", "--group_size=2", "--max_new_tokens=8",
+             "--gsm8k_eval=", "--eval_items=2", "--max_iters=1", "--problems_per_step=2", "--group_size=2",
+             "--max_new_tokens=8",
              "--grad_checkpoint=False", "--device=cpu"])
     metrics = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
     assert "heldout_gsm8k" in metrics[0] and "reward_gsm8k" in metrics[1]
+
+
+def test_gsm8k_presets_hold_out_the_test_split(tmp_path, monkeypatch):
+    """What config/sft_chat.py prepares (GSM8K's train split) and what config/rl_gsm8k_nano.py evaluates on and picks
+    best.pt by (its gsm8k_eval: the test split) do not overlap. A training record that is also held out is dropped."""
+    import datasets
+    import prepare
+    train = [{"question": f"Tom has {i} apples and buys {i}. How many?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"}
+             for i in range(40)]
+    test = [{"question": f"Ann has {i} pears and eats one. How many?", "answer": f"{i}-1={i - 1}\n#### {i - 1}"}
+            for i in range(2, 12)]
+    splits = {"train": train, "test": test}
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, config, split, **kw: datasets.Dataset.from_list(
+        splits[split]).to_iterable_dataset())
+    sft_config = open(os.path.join(ROOT, "config", "sft_chat.py")).read()
+    command = shlex.split(re.search(r"python prepare.py (.*)", sft_config).group(1))
+    assert "gsm8k" in command
+    flags = command[command.index("--max_samples"):]
+    prepare.main(["gsm8k", *flags[:flags.index("--out_dir")], "--tokenizer", "byte", "--val_fraction", "0.2",
+                  "--out_dir", str(tmp_path / "sft")])
+    sft_text = BYTE.decode(np.fromfile(tmp_path / "sft" / "train.bin", np.uint16).tolist() +
+                           np.fromfile(tmp_path / "sft" / "val.bin", np.uint16).tolist())
+    monkeypatch.chdir(tmp_path)  # the preset's files, written as its comment says, from the splits above
+    os.makedirs("data")
+    for split, records in splits.items():
+        datasets.Dataset.from_list(records).to_json(f"data/gsm8k_{split}.jsonl")
+    init = write_checkpoint(tiny_model(), tmp_path / "init.pt")
+    cfg, _ = rl.settings([os.path.join(ROOT, "config", "rl_gsm8k_nano.py"), f"--init_from={init}", "--eval_items=10"])
+    problems = rl.Problems(cfg, difficulty=None)
+    heldout = [messages[0]["content"] for _, messages, _ in problems.heldout]
+    assert heldout == [r["question"] for r in test] and train[5]["question"] in sft_text
+    assert [q for q in heldout if q in sft_text] == [] and len(problems.train) == len(train)
+    datasets.Dataset.from_list(test + train[:1]).to_json("data/gsm8k_test.jsonl")
+    problems = rl.Problems(SimpleNamespace(**{**vars(cfg), "eval_items": 11}), difficulty=None)
+    assert train[0]["question"] not in [messages[0]["content"] for _, messages, _ in problems.train]
+    assert len(problems.train) == len(train) - 1

@@ -287,8 +287,9 @@ def flat_tensors(state):
     return [t for item in items for t in flat_tensors(item)]
 
 
-@pytest.mark.parametrize("optimizer", [["--optimizer=adamw"], ["--optimizer=muon", "--lr_schedule=wsd"]],
-                         ids=["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", [["--optimizer=adamw"], ["--optimizer=muon", "--lr_schedule=wsd"],
+                                       ["--optimizer=adamw", "--windows=documents"]],
+                         ids=["adamw", "muon", "documents"])
 def test_resume_is_bit_exact(reasoning_data, tmp_path, optimizer):
     """2N iterations straight == N, stop, --resume, N more: same losses, same weights, same optimizer state (dropout
     on, 2 micro-batches). Muon: both optimizers' states come back; the settings come from the checkpoint."""
