@@ -2,7 +2,7 @@
 What every script needs before anything else, and nothing heavy (no torch: prepare.py starts in a blink).
 
     errors      UserError: a mistake the user can fix, in one line; run_main turns it into `name: error: …`;
-                load_tokenizer (its problems as UserError)
+                load_tokenizer (its problems as UserError); StopFlag: Ctrl-C and SIGTERM, acted on between steps
     files       save_json (atomic), robust_stdio
 
 Library functions raise UserError; only a script's main turns it into a message and exit status 1. The other
@@ -10,6 +10,7 @@ shared files are named by their job: device.py, checkpoints.py, data.py, inferen
 """
 import json
 import os
+import signal
 import sys
 
 from tokenizer import get_tokenizer
@@ -36,6 +37,23 @@ def load_tokenizer(name):
         return get_tokenizer(name)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+class StopFlag:
+    """Set by Ctrl-C (SIGINT) or SIGTERM; a loop checks it between steps, saves and exits: a training loop between
+    iterations, so no checkpoint ever holds a half-applied optimizer step; prepare.py between documents. A second
+    Ctrl-C quits at once (single process only: torchrun passes every signal on to its workers, who get the
+    terminal's too)."""
+
+    def __init__(self, ddp=False):
+        self.signum, self.ddp = 0, ddp
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum and not self.ddp:
+            raise KeyboardInterrupt
+        self.signum = signum
 
 
 # ----------------------------------------------------------------------------- files and text

@@ -30,10 +30,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm import tqdm
 
-from common import UserError, load_tokenizer, run_main, save_json
+from common import StopFlag, UserError, load_tokenizer, run_main, save_json
 from tasks import Difficulty, sample_problem
 from tokenizer import TOKENIZERS, padded_vocab_size, render_conversation, special_ids
-from training import StopFlag
 
 
 # ============================================================ the built-in reasoning dataset

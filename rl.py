@@ -35,13 +35,13 @@ from tqdm import tqdm
 
 import configurator
 from checkpoints import build_model
-from common import UserError, load_tokenizer
+from common import StopFlag, UserError, load_tokenizer
 from data import get_batch, load_data, random_starts, read_gsm8k, to_device
 from device import DTYPES, amp_dtype, autocast, inference_dtype, resolve_device
 from replies import generate_replies, is_correct
 from tasks import TASKS, difficulty_of, heldout_items, sample_problem
 from tokenizer import render_prompt
-from training import (MetricsLog, StopFlag, check_optimizer_settings, clip_gradients, exit_if_stopped, make_optimizer,
+from training import (MetricsLog, check_optimizer_settings, clip_gradients, exit_if_stopped, make_optimizer,
                       optimizer_step, run_training, save_run, set_lr)
 
 # ----------------------------------------------------------------------------- defaults

@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 import configurator
 from checkpoints import build_model
-from common import UserError
+from common import StopFlag, UserError
 from data import get_batch, load_data, random_starts, to_device
 from device import (DTYPES, amp_dtype, autocast, choose_compile, compile_model, cpu_auto_dtype, peak_flops,
                     setup_process)
-from training import (MetricsLog, StopFlag, add_nan_hook, check_optimizer_settings, clip_gradients, exit_if_stopped,
+from training import (MetricsLog, add_nan_hook, check_optimizer_settings, clip_gradients, exit_if_stopped,
                       make_optimizer, optimizer_step, run_training, save_run, set_lr, stage_at)
 
 # ----------------------------------------------------------------------------- defaults

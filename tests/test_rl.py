@@ -108,7 +108,7 @@ ARGS = ["--max_iters=4", "--eval_interval=2", "--ckpt_interval=2", "--eval_items
 
 
 class StopAfter:
-    """Stands in for training.StopFlag: reads as Ctrl-C from the top of step n on."""
+    """Stands in for common.StopFlag: reads as Ctrl-C from the top of step n on."""
 
     def __init__(self, n):
         self.checks, self.n = 0, n
