@@ -23,11 +23,13 @@ def adamw(params, weight_decay, learning_rate, betas, device_type):
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
 
-def configure_optimizer(model, weight_decay, learning_rate, betas, device_type, optimizer="adamw", muon_lr=0.0):
+def configure_optimizer(model, weight_decay, learning_rate, betas, device_type, optimizer="adamw", muon_lr=0.0,
+                        ns_dtype=torch.bfloat16):
     """The optimizer of model's trainable parameters: AdamW; with optimizer="muon", Muon at muon_lr (0:
     learning_rate) for the matrices inside the blocks (attention and MLP projections) and AdamW for the rest: the
     embedding (tied: also the output layer), a factorized embedding's projection, the norm gains. model may be
-    any nn.Module for AdamW (bench.py gives the same one to its transformers peer); Muon needs a Forge."""
+    any nn.Module for AdamW (bench.py gives the same one to its transformers peer); Muon needs a Forge. ns_dtype:
+    the dtype of Muon's Newton-Schulz iteration (newton_schulz_dtype; bf16 is torch.optim.Muon's own)."""
     if optimizer not in ("adamw", "muon"):
         raise UserError(f"optimizer={optimizer!r}: expected adamw or muon")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -43,9 +45,65 @@ def configure_optimizer(model, weight_decay, learning_rate, betas, device_type, 
     # "Muon is Scalable for LLM Training"), which is why muon_lr defaults to learning_rate. torch's default,
     # Keller Jordan's "original" sqrt(max(1, rows/cols)), gives an RMS of lr / sqrt(fan_in): it would need a
     # learning rate 0.2 * sqrt(fan_in) times larger (3x at n_embd=256), and that would multiply the decay too.
-    muon = torch.optim.Muon(matrices, lr=muon_lr or learning_rate, weight_decay=weight_decay,
-                            adjust_lr_fn="match_rms_adamw")
+    muon = Muon(matrices, ns_dtype, lr=muon_lr or learning_rate, weight_decay=weight_decay,
+                adjust_lr_fn="match_rms_adamw")
     return MuonAdamW(muon, rest, muon_lr / learning_rate if muon_lr else 1.0)
+
+
+def newton_schulz_dtype(device_type, amp):
+    """The dtype of Muon's Newton-Schulz matmuls for a run on device_type with autocast dtype amp (device.amp_dtype's
+    choice, measured on a CPU): bf16 on GPUs and where the run trains in bf16, as torch.optim.Muon always does;
+    fp32 on a CPU that trains in fp32 (bf16 matmuls measured slower there: emulated, up to 100x slower, they made
+    Muon's step 6x the forward and backward, docs/training.md) and on MPS."""
+    return torch.bfloat16 if amp == torch.bfloat16 or device_type == "cuda" else torch.float32
+
+
+def orthogonalize(update, coefficients, steps, eps, dtype):
+    """Muon's quintic Newton-Schulz iteration, its matmuls in dtype: update with its singular values pushed to
+    roughly [0.5, 1.5] (the coefficients favour few steps over convergence to exactly 1), its singular vectors
+    kept. Runs on the wide orientation, whose Gram matrix is the smaller one."""
+    a, b, c = coefficients
+    tall = update.size(0) > update.size(1)
+    x = update.to(dtype).T if tall else update.to(dtype)
+    x = x / x.norm().clamp(min=eps)  # the Frobenius norm bounds the spectral one: singular values now <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # (a + b G + c G^2) x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon with its Newton-Schulz iteration in ns_dtype instead of always bf16: the same settings,
+    state ("momentum_buffer" per matrix) and checkpoints, and with ns_dtype=torch.bfloat16 the same updates, bit
+    for bit. ns_dtype is an attribute, not a group setting, so a checkpoint's param groups never overwrite it."""
+
+    def __init__(self, params, ns_dtype=torch.bfloat16, **settings):
+        super().__init__(params, **settings)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"].lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
+                rows, cols = p.shape
+                if group["adjust_lr_fn"] == "match_rms_adamw":  # an update RMS of 0.2 * lr, whatever the shape
+                    scale = 0.2 * math.sqrt(max(rows, cols))
+                else:  # Keller Jordan's "original", torch's default
+                    scale = math.sqrt(max(1, rows / cols))
+                p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay, on the unadjusted lr (as AdamW)
+                p.add_(update, alpha=-(lr * scale))
+        return loss
 
 
 class MuonAdamW:
@@ -97,7 +155,7 @@ def make_optimizer(model, cfg, device_type, amp, ckpt):
     """(optimizer, GradScaler) for cfg's optimizer settings; with cfg.resume, the states ckpt holds. The scaler is
     on for fp16 autocast only (amp: the autocast dtype): bf16 needs no scaling."""
     optimizer = configure_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
-                                    cfg.optimizer, cfg.muon_lr)
+                                    cfg.optimizer, cfg.muon_lr, newton_schulz_dtype(device_type, amp))
     scaler = torch.amp.GradScaler(device_type, enabled=amp == torch.float16)
     if cfg.resume:
         optimizer.load_state_dict(ckpt["optimizer"])
