@@ -1,12 +1,11 @@
 """
 What train.py and rl.py share: the optimizer (AdamW, or Muon + AdamW) and its step, resuming it, the metrics log,
-and stopping cleanly (the stop flag, the exit).
+and stopping cleanly (the exit after common.StopFlag was set).
 """
 import itertools
 import json
 import math
 import os
-import signal
 import sys
 
 import torch
@@ -227,22 +226,6 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         if self.wandb:
             self.wandb.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])
-
-
-class StopFlag:
-    """Set by Ctrl-C (SIGINT) or SIGTERM; a training loop checks it between iterations, saves and exits, so
-    no checkpoint ever holds a half-applied optimizer step. A second Ctrl-C quits at once (single process
-    only: torchrun passes every signal on to its workers, who get the terminal's too)."""
-
-    def __init__(self, ddp=False):
-        self.signum, self.ddp = 0, ddp
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
-
-    def handle(self, signum, frame):
-        if self.signum and not self.ddp:
-            raise KeyboardInterrupt
-        self.signum = signum
 
 
 NAN_ITERS_ENV = "NANOFORGE_NAN_ITERS"
