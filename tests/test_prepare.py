@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 
 import numpy as np
 import pyarrow as pa
@@ -522,6 +523,17 @@ def test_json_records_across_chunk_boundaries(monkeypatch, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(rows[:3])[:-1] + ", {\"text\": 1,, }]")
     with pytest.raises(UserError, match=r"bad\.json:1: invalid JSON at byte \d+ \(Expecting property name"):
         list(prepare.file_records(str(tmp_path / "bad.json"), None))
+
+
+def test_reading_a_json_array_holds_a_chunk_not_the_file(tmp_path):
+    """Memory while reading a 24 MB array, a full pass: a chunk and a record (json.load held ~10x the file)."""
+    record = json.dumps({"conversations": [{"from": "human", "value": "Why? " * 100}, {"from": "gpt", "value": "x"}]})
+    (tmp_path / "big.json").write_text("[" + ",\n".join([record] * 40000) + "]")
+    tracemalloc.start()
+    n = sum(1 for _ in prepare.file_records(str(tmp_path / "big.json"), None))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert n == 40000 and peak < 8 << 20, peak
 
 
 def test_max_samples_reads_only_what_it_needs(tmp_path):
