@@ -208,9 +208,10 @@ def txt_documents(path, at, separator=None, max_chars=1 << 20):
             if not ends:
                 lines.append(line)
                 size += len(line)
-            if (ends or size > max_chars) and "".join(lines).strip():
-                yield offset, "".join(lines).strip("\n")
             if ends or size > max_chars:
+                doc = "".join(lines).strip("\n")
+                if doc.strip():
+                    yield offset, doc
                 lines, size = [], 0
 
 

@@ -509,7 +509,7 @@ def test_truncated_json_array_names_the_byte_and_keeps_what_came_before(tmp_path
 
 def test_json_records_across_chunk_boundaries(monkeypatch, tmp_path):
     """A JSON file is read a few bytes at a time (values, numbers and UTF-8 characters cut anywhere); resuming
-    from any record's position gives the records after it."""
+    from any record's position gives the records after it, in JSON and in parquet."""
     monkeypatch.setattr(prepare.JsonText, "CHUNK", 7)
     rows = [{"text": "naïve café ✅ " * (i % 3), "n": 12345.678 * i, "ok": i % 2 == 0, "none": None, "l": [i, -i]}
             for i in range(40)]
@@ -520,6 +520,11 @@ def test_json_records_across_chunk_boundaries(monkeypatch, tmp_path):
         assert [rec for _, rec in read] == rows, name
         for k in (0, 17, 39):
             assert [rec for _, rec in prepare.file_records(str(tmp_path / name), read[k][0])] == rows[k + 1:]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet", row_group_size=6)
+    read = list(prepare.file_records(str(tmp_path / "rows.parquet"), None))
+    assert [rec for _, rec in read] == rows
+    for k in (0, 5, 6, 17, 39):  # within a row group, and at its end
+        assert [rec for _, rec in prepare.file_records(str(tmp_path / "rows.parquet"), read[k][0])] == rows[k + 1:]
     (tmp_path / "bad.json").write_text(json.dumps(rows[:3])[:-1] + ", {\"text\": 1,, }]")
     with pytest.raises(UserError, match=r"bad\.json:1: invalid JSON at byte \d+ \(Expecting property name"):
         list(prepare.file_records(str(tmp_path / "bad.json"), None))
