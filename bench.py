@@ -205,8 +205,9 @@ def build_pair(cfg, device):
     peer = llama_peer(ours).to(device)
     ours.to(device)
     idx = torch.randint(0, cfg.vocab_size, (1, 16), device=device)
-    with torch.no_grad():
-        diff = (ours(idx, idx)[0] - peer(idx).logits).abs().max().item()
+    with torch.no_grad():  # the last position's logits, and the loss over every position (Llama shifts its labels)
+        diff = max((ours(idx)[0] - peer(idx).logits[:, -1:]).abs().max().item(),
+                   abs(ours(idx[:, :-1], idx[:, 1:])[1] - peer(input_ids=idx, labels=idx).loss).item())
     if diff > 1e-3:
         raise UserError(f"the peer's logits differ from ours by {diff:.2g}: the two configs do not match")
     return ours, peer

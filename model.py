@@ -1,8 +1,8 @@
 """
 The Forge transformer: a LLaMA-style decoder in one file, read top to bottom.
 
-    config -> RMSNorm -> rotary embeddings -> grouped-query attention -> SwiGLU MLP
-           -> block -> model -> generation (one batched loop, KV cache) -> FLOPs and memory -> sampling
+    config -> RMSNorm -> rotary embeddings -> grouped-query attention -> SwiGLU MLP -> block -> chunked loss
+           -> model -> generation (one batched loop, KV cache) -> FLOPs and memory -> sampling
 
 Pre-norm blocks, no biases, input and output embeddings tied. The layout and the maths are those of
 Hugging Face's LlamaForCausalLM, so export.py only has to rename tensors.
@@ -36,8 +36,7 @@ class ModelConfig:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
-        if self.ffn_hidden == 0:
-            self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        self.ffn_hidden = self.ffn_hidden or 64 * math.ceil(8 * self.n_embd / 3 / 64)
 
     @property
     def head_dim(self):
@@ -69,8 +68,7 @@ def rope_tables(cfg):
 def apply_rope(x, cos, sin):
     """Rotate x (B, heads, T, head_dim) by its position's angles; cos/sin are (T, head_dim)."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated_half = torch.cat([-x2, x1], dim=-1)
-    return x * cos + rotated_half * sin
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin  # the rotated half
 
 
 class KVCache:
@@ -116,8 +114,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        # A prompt (T > 1, empty cache) attends causally; a single new token attends to everything cached.
-        # enable_gqa lets each group of query heads read its shared K/V head without copying it.
+        # A prompt (T > 1) attends causally, a new token to everything cached; enable_gqa shares K/V without copies
         y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -150,96 +147,111 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
+class ChunkedLoss(torch.autograd.Function):
+    """Summed cross-entropy of logits x @ weight.T against targets (-1: ignored), `rows` rows at a time: never a
+    batch's fp32 logits (12 bytes x vocabulary per token). With grads, forward computes each chunk's gradients
+    while its logits exist and backward only scales them: nothing kept per logit, nothing recomputed."""
+    CHUNK_BYTES = 2**26  # one chunk's fp32 logits: 64 MiB (docs/performance.md measures the choice)
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, rows, grads):
+        total = 0
+        grad_x, grad_w = (torch.empty_like(x), torch.zeros_like(weight)) if grads else (None, None)
+        for i in range(0, len(x), rows):
+            xc, tc, keep = x[i:i + rows], targets[i:i + rows, None].clamp(min=0), targets[i:i + rows, None] != -1
+            logp = F.linear(xc, weight).float().log_softmax(-1)
+            total -= logp.gather(1, tc).mul_(keep).sum()
+            if grads:  # d loss / d logits = softmax - one-hot on the rows that count, 0 on the others
+                g = logp.exp_().scatter_add_(1, tc, -keep.float()).mul_(keep).to(xc.dtype)
+                grad_x[i:i + rows] = g @ weight
+                grad_w += g.t() @ xc
+        ctx.save_for_backward(grad_x, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):  # scaled in place: no copy (a second backward through the graph raises)
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x.mul_(grad), grad_w.mul_(grad), None, None, None
+
+
 class Forge(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_rank or cfg.n_embd)
         if cfg.emb_rank:  # Yxanul-style factorized embedding: V x r table, then an r -> d projection
-            self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_rank)
             self.emb_proj = nn.Linear(cfg.emb_rank, cfg.n_embd, bias=False)
-        else:
-            self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
         if cfg.emb_rank:  # std 1/sqrt(r) keeps the product A @ B at the usual 0.02 scale
             nn.init.normal_(self.emb_proj.weight, mean=0.0, std=cfg.emb_rank ** -0.5)
 
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
     def num_params(self):
         """Total parameters (tied weights counted once) and how many of them are the embedding."""
-        total = sum(p.numel() for p in self.parameters())
-        embedding = self.tok_emb.weight.numel()
-        if self.config.emb_rank:
-            embedding += self.emb_proj.weight.numel()
-        return {"total": total, "embedding": embedding}
-
-    def embed(self, idx):
-        x = self.tok_emb(idx)
-        return self.emb_proj(x) if self.config.emb_rank else x
-
-    def unembed(self, x):
-        """Logits through the transposed (tied) embedding: x @ E^T, or x @ B^T @ A^T when factorized."""
-        if self.config.emb_rank:
-            x = F.linear(x, self.emb_proj.weight.t())
-        return F.linear(x, self.tok_emb.weight)
+        embedding = self.tok_emb.weight.numel() + (self.emb_proj.weight.numel() if self.config.emb_rank else 0)
+        return {"total": sum(p.numel() for p in self.parameters()), "embedding": embedding}
 
     @property
     def device(self):
         return self.rope_cos.device
 
     def forward(self, idx, targets=None, cache=None, reduction="mean"):
-        """idx (B, T) token ids -> (logits, loss). Without targets only the last position's logits are computed
-        (B, 1, V), which is all generation needs. Targets of -1 are ignored: reduction="mean" averages the loss
-        over the others, "none" returns each position's loss (B, T), 0 where ignored (rl.py's log-probabilities)."""
+        """idx (B, T) token ids -> (logits, loss). Without targets, the last position's logits (B, 1, V): all that
+        generation needs. With targets, the loss alone (logits None), a chunk at a time. Targets of -1 are ignored:
+        "mean" averages over the others, "none" gives each position's loss (B, T), 0 where ignored (rl.py's)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        x = self.drop(self.embed(idx))
+        x = self.tok_emb(idx)
+        x = self.drop(self.emb_proj(x) if self.config.emb_rank else x)
+        recompute = self.config.grad_checkpoint and self.training  # each block again in backward: less memory
         for block in self.blocks:
-            if self.config.grad_checkpoint and self.training:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, cache)
+            x = checkpoint(block, x, cos, sin, use_reentrant=False) if recompute else block(x, cos, sin, cache)
         if cache is not None:
             cache.pos += T
-        x = self.norm(x)
+        x = self.norm(x) if targets is not None else self.norm(x)[:, -1:, :]
+        if self.config.emb_rank:  # the tied output matrix: E^T = B^T @ A^T, applied right to left
+            x = F.linear(x, self.emb_proj.weight.t())
         if targets is None:
-            return self.unembed(x[:, -1:, :]), None
-        logits = self.unembed(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=reduction)
-        return logits, loss.view(B, T) if reduction == "none" else loss
+            return F.linear(x, self.tok_emb.weight), None
+        x, t, w = x.flatten(0, 1), targets.flatten(), self.tok_emb.weight
+        rows = max(1, ChunkedLoss.CHUNK_BYTES // (4 * w.size(0)))
+        if reduction == "none":  # each position has its own gradient: backward recomputes each chunk's logits
+            def losses(a, b):  # -log p(target) of each row, 0 where ignored
+                return F.cross_entropy(F.linear(a, w).float(), b, ignore_index=-1, reduction="none")
+            chunks = [checkpoint(losses, a, b, use_reentrant=False) for a, b in zip(x.split(rows), t.split(rows))]
+            return None, torch.cat(chunks).view(B, T)
+        return None, ChunkedLoss.apply(x, w, t, rows, torch.is_grad_enabled()) / (t != -1).sum()
 
     @torch.inference_mode()  # no_grad without autograd's version counters: faster small-model decoding
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
                  generator=None):
-        """Decode B prompts of equal length together, (B, T) ids (one prompt is a batch of one: [prompt]), and
-        yield after every step {row: new token id} for the rows still generating: callers stream it or collect
-        it. The prompts run once to fill the KV cache; each later step feeds only the newest tokens. A row stops
-        after a token in stop_ids (which is yielded, so the caller sees why it stopped), after max_new_tokens,
-        or when the context window (block_size) is full: it stops rather than slides, since sliding would
-        re-encode every position (chat.py drops old turns instead). A finished row leaves the batch with its
-        cache rows, so later steps compute only the live ones. Rows need no padding: G copies of one prompt (a
+        """Decode B prompts of equal length together, (B, T) ids ([prompt] for one), yielding after every step
+        {row: new token id} for the rows still generating. The prompts fill the KV cache once; each later step
+        feeds only the newest tokens. A row stops after a token in stop_ids (yielded: the caller sees why), after
+        max_new_tokens, or at a full context window (block_size: chat.py drops old turns rather than re-encode a
+        sliding one), and leaves the batch with its cache rows. Rows need no padding: G copies of one prompt (a
         GRPO group), or prompts grouped by length (replies.generate_replies)."""
         idx = torch.as_tensor(prompts, dtype=torch.long, device=self.device)
         B, T = idx.shape
         max_len = min(self.config.block_size, T + max_new_tokens)
         if T >= max_len:
             return
-        cache = KVCache(self.config, B, max_len, idx.device, self._activation_dtype(idx.device.type))
+        dev = idx.device.type  # the cache's dtype: autocast's when it is on, else the weights'
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.tok_emb.weight.dtype
+        cache = KVCache(self.config, B, max_len, idx.device, dtype)
         live = list(range(B))  # the row of the caller's batch that each row of the running batch belongs to
         for _ in range(max_len - T):
             logits, _ = self(idx, cache=cache)
@@ -255,46 +267,39 @@ class Forge(nn.Module):
                 next_ids, live = next_ids[rows], [live[i] for i in keep]
             idx = next_ids.view(-1, 1)
 
-    def _activation_dtype(self, device_type):
-        """The dtype of keys and values: autocast's when it is on, else the weights'."""
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-        return self.tok_emb.weight.dtype
-
     def flops_per_token(self, seq_len):
         """Training FLOPs per token: 6N for the matmuls (forward + backward) plus attention scores,
         12 * layers * d_model * seq_len (PaLM appendix B)."""
-        cfg = self.config
-        return 6 * self.num_params()["total"] + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        return 6 * self.num_params()["total"] + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
     def estimate_mfu(self, tokens_per_iter, seq_len, dt, peak_flops):
         """Model FLOPs utilization: achieved FLOP/s as a fraction of the hardware peak you pass in."""
         return self.flops_per_token(seq_len) * tokens_per_iter / dt / peak_flops
 
     def activation_bytes(self, act_bytes):
-        """(saved, transient) activation bytes per token of a training step: what autograd keeps from the
-        forward pass for backward, and what backward allocates on top at its peak (the loss gradient over the
-        vocabulary and, with checkpointing, the block being recomputed). act_bytes is 2 under autocast, 4 in
-        fp32. Counted from this file's forward pass; tests check `saved` against autograd's saved tensors."""
+        """(saved, transient) activation bytes per token of a training step: what autograd keeps from the forward
+        pass for backward, and what backward allocates on top (with checkpointing, the block being recomputed).
+        act_bytes is 2 under autocast, 4 in fp32. Tests check `saved` against autograd's saved tensors."""
         cfg, s = self.config, act_bytes
-        d, f, h, kv, V = cfg.n_embd, cfg.ffn_hidden, cfg.n_head, cfg.n_kv_head * cfg.head_dim, cfg.vocab_size
+        d, f, h, kv = cfg.n_embd, cfg.ffn_hidden, cfg.n_head, cfg.n_kv_head * cfg.head_dim
         # per block: q/k/v/out/MLP tensors in the activation dtype, fp32 copies around the two RMSNorms (none
         # in fp32, where .float() is a no-op), and a few per-row statistics (softmax log-sum-exp per head, rms)
         block = s * (7 * d + 4 * f + 2 * kv) + (16 if s == 2 else 4) * d + 4 * h + 8
-        # embedding and final norm, and the loss's fp32 log-softmax over the vocabulary
-        ends = (8 + s) * d + 12 + 4 * V
+        ends = 12 * d + 12  # embedding, final norm, and the loss's gradient for its input: nothing per logit
         saved = ends + cfg.n_layer * (4 * d if cfg.grad_checkpoint else block)  # checkpointing: fp32 block inputs
-        transient = 8 * V + (block if cfg.grad_checkpoint else 0)  # two fp32 gradients of the log-softmax
-        return saved, transient
+        return saved, block if cfg.grad_checkpoint else 0
 
     def estimate_memory(self, batch_size, block_size, act_bytes):
-        """Peak bytes per device of a training step: fp32 weights, gradients and AdamW's two moments,
-        autocast's half-precision weight copies, and the activations of batch_size x block_size tokens."""
-        n = self.num_params()["total"]
+        """Peak bytes per device of a training step: fp32 weights, gradients and AdamW's two moments, autocast's
+        weight copies, batch_size x block_size tokens' activations, and the loss's: its output matrix's gradient
+        (computed in forward, kept for backward) and one chunk's fp32 logits and their log-softmax."""
+        n, V = self.num_params()["total"], self.config.vocab_size
         saved, transient = self.activation_bytes(act_bytes)
+        rows = min(batch_size * block_size, max(1, ChunkedLoss.CHUNK_BYTES // (4 * V)))
         return {"weights": 4 * n, "grads": 4 * n, "optimizer": 8 * n,
                 "weight copies": n * act_bytes if act_bytes < 4 else 0,
-                "activations": batch_size * block_size * (saved + transient)}
+                "activations": batch_size * block_size * (saved + transient),
+                "loss": 4 * self.tok_emb.weight.numel() + 8 * rows * V}
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

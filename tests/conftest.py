@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from checkpoints import save_checkpoint
 from model import Forge, ModelConfig
@@ -33,6 +34,20 @@ def tiny_model(seed=0, random_norms=False, tokenizer="byte", **overrides):
             for p in model.parameters():
                 p.uniform_(0.5, 1.5) if p.dim() == 1 else p.normal_(0.0, 0.2)
     return model
+
+
+def all_logits(model, idx):
+    """Every position's logits (B, T, V), the whole batch at once, differentiable: the final norm's output (caught by
+    a hook; forward itself computes only the last position's logits, or with targets only the loss) through the
+    tied output matrix, as forward does for the last position. The reference the chunked loss is tested against."""
+    caught = []
+    handle = model.norm.register_forward_hook(lambda module, args, out: caught.append(out))
+    try:
+        model(idx)
+    finally:
+        handle.remove()
+    x = F.linear(caught[0], model.emb_proj.weight.t()) if model.config.emb_rank else caught[0]
+    return F.linear(x, model.tok_emb.weight)
 
 
 def write_checkpoint(model, path, tokenizer="byte", with_optimizer=False, **extra):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from checkpoints import load_checkpoint
 from common import UserError
-from conftest import BYTE, SP, ScriptedModel, run_script, text_ids, tiny_model
+from conftest import BYTE, SP, ScriptedModel, all_logits, run_script, text_ids, tiny_model
 from data import load_data, read_gsm8k
 from eval import reasoning_score, summarize, val_loss
 from replies import generate_replies, is_correct
@@ -61,7 +61,7 @@ def test_val_loss_matches_a_per_token_reference(tmp_path):
     with torch.no_grad():
         for start in range(0, 149 - 16 + 1, 16):
             window = torch.tensor(data[start:start + 16].astype(np.int64))[None]
-            logits, _ = model(window, torch.zeros_like(window))  # with targets: logits at every position
+            logits = all_logits(model, window)
             logp = F.log_softmax(logits[0].float(), dim=-1)
             losses += [-logp[j, data[start + j + 1]].item() for j in range(16) if mask[start + j + 1]]
     assert n == len(losses)

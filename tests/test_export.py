@@ -19,7 +19,7 @@ import export
 import isolate
 from checkpoints import load_checkpoint
 from replies import reply_stop_ids
-from conftest import BYTE, ROOT, greedy_ids, needs_gpt2_ranks, run_script, tiny_model, write_checkpoint
+from conftest import BYTE, ROOT, all_logits, greedy_ids, needs_gpt2_ranks, run_script, tiny_model, write_checkpoint
 from tasks import heldout_items
 from tokenizer import all_special_ids, get_tokenizer, render_conversation, render_prompt
 
@@ -40,11 +40,6 @@ CHAT = [{"role": "system", "content": "You are terse."},
         {"role": "assistant", "thinking": "17 * 3 = 51, déjà vu 🤔", "content": "51"},
         {"role": "user", "content": "Merci! And 2+2?"},
         {"role": "assistant", "content": "4 ✅"}]
-
-
-def full_logits(model, idx):
-    logits, _ = model(idx, targets=idx)  # with targets, Forge returns every position's logits
-    return logits
 
 
 # ----------------------------------------------------------------------------- hf weights
@@ -71,7 +66,7 @@ def test_hf_export_matches_ours_in_transformers(name, tmp_path):
     shape = (3, model.config.block_size)
     idx = torch.randint(0, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours, theirs = full_logits(model, idx), hf(idx).logits
+        ours, theirs = all_logits(model, idx), hf(idx).logits
     diff = (ours - theirs).abs().max().item()
     print(f"{name}: max |logit diff| = {diff:.2e} (logit std {ours.std():.2f})")
     assert diff < 1e-4
@@ -279,7 +274,7 @@ def test_gguf_f32_matches_ours_in_llama_cpp(name, tokenizer, tmp_path):
         their_greedy = llm.call(llama_cpp_greedy, prompt, 32)
 
     with torch.no_grad():
-        ours = full_logits(model, idx)[0]
+        ours = all_logits(model, idx)[0]
     diff = (ours - theirs).abs().max().item()
     print(f"{name} ({tokenizer}): max |logit diff| = {diff:.2e} (logit std {ours.std():.2f})")
     assert diff < 1e-4
@@ -328,8 +323,8 @@ def test_gguf_q8_0_follows_ours_on_a_trained_model(trained_gguf):
     ours_greedy = [greedy_ids(model, p, 32) for p in prompts]
     ids = torch.tensor([prompts[0] + ours_greedy[0]])  # a prompt and the reply the model writes
     with torch.no_grad():
-        ours = full_logits(model, ids)[0]
-        rounded = full_logits(fake_quantized(model, gguf.GGMLQuantizationType.Q8_0), ids)[0]
+        ours = all_logits(model, ids)[0]
+        rounded = all_logits(fake_quantized(model, gguf.GGMLQuantizationType.Q8_0), ids)[0]
     with llama_cpp_model(paths["q8_0"], model.config.block_size, f32_cache=False) as llm:
         diff = (ours - torch.from_numpy(llm.call(llama_cpp_logits, ids[0].tolist()))).abs().max().item()
         bound = 3 * (ours - rounded).abs().max().item()
@@ -343,7 +338,7 @@ def test_gguf_q8_0_follows_ours_on_a_trained_model(trained_gguf):
             k = next(i for i, (a, b) in enumerate(zip(greedy, theirs)) if a != b)
             prefix = prompt + greedy[:k]
             with torch.no_grad():
-                logits = full_logits(model, torch.tensor([prefix]))[0, -1]
+                logits = all_logits(model, torch.tensor([prefix]))[0, -1]
             assert (logits - torch.from_numpy(llm.call(llama_cpp_logits, prefix)[-1])).abs().max() < bound
             assert logits[greedy[k]] - logits[theirs[k]] < 2 * bound, (k, greedy[k], theirs[k])
     print(f"q8_0: max |logit diff| {diff:.3f}, 3x the rounding of the weights alone {bound:.3f} (logit std "
@@ -458,15 +453,15 @@ def test_pt_and_safetensors_round_trip(tmp_path):
     assert len(written) == 2
     idx = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        expected = full_logits(model, idx)
+        expected = all_logits(model, idx)
 
         from_pt, ckpt = load_checkpoint(tmp_path / "out" / "model.pt")  # weights_only=True inside
         assert set(ckpt) == {"model", "model_args", "tokenizer"}  # optimizer and resume state dropped
-        assert torch.equal(full_logits(from_pt, idx), expected)
+        assert torch.equal(all_logits(from_pt, idx), expected)
 
         from_st, tokenizer_name = export.load_safetensors(str(tmp_path / "out" / "model.safetensors"))
         assert tokenizer_name == "byte" and from_st.config == model.config
-        assert torch.equal(full_logits(from_st, idx), expected)
+        assert torch.equal(all_logits(from_st, idx), expected)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -1,4 +1,5 @@
-"""model.py against references: naive attention, full recomputation, closed-form parameter counts."""
+"""model.py against references: naive attention, full recomputation, the whole batch's logits at once, closed-form
+parameter counts."""
 import math
 
 import pytest
@@ -8,8 +9,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import greedy_ids
-from model import Forge, KVCache, ModelConfig, apply_rope, rope_tables, sample_next
+from conftest import all_logits, greedy_ids
+from model import ChunkedLoss, Forge, KVCache, ModelConfig, apply_rope, rope_tables, sample_next
 
 
 def tiny_config(**overrides):
@@ -219,11 +220,11 @@ def test_per_token_losses_are_the_mean_losss_terms():
     idx = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(3))
     targets = idx.roll(-1, dims=1)
     targets[0, :5] = -1
-    logits, mean = model(idx, targets)
+    _, mean = model(idx, targets)
     _, per_token = model(idx, targets, reduction="none")
     assert per_token.shape == (3, 20) and (per_token[0, :5] == 0).all()
     assert torch.allclose(per_token.sum() / (targets != -1).sum(), mean)
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    logp = torch.log_softmax(all_logits(model, idx).float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     assert torch.allclose(per_token[targets != -1], -logp[targets != -1], atol=1e-5)
 
 
@@ -233,8 +234,8 @@ def test_masked_targets_cost_nothing():
     idx = torch.randint(0, 128, (2, 20))
     targets = idx.clone()
     targets[:, :10] = -1
-    logits, loss = model(idx, targets)
-    expected = F.cross_entropy(logits[:, 10:].reshape(-1, 128), idx[:, 10:].reshape(-1))
+    _, loss = model(idx, targets)
+    expected = F.cross_entropy(all_logits(model, idx)[:, 10:].reshape(-1, 128), idx[:, 10:].reshape(-1))
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
@@ -244,11 +245,73 @@ def test_output_head_is_tied_to_the_embedding():
     names = [n for n, _ in model.named_parameters()]
     assert not any("head" in n for n in names)  # no separate output matrix exists
     hidden = {}
-    model.norm.register_forward_hook(lambda m, i, o: hidden.setdefault("x", o))
-    logits, _ = model(torch.randint(0, 128, (1, 8)), torch.zeros(1, 8, dtype=torch.long))
-    assert torch.allclose(logits, hidden["x"] @ model.tok_emb.weight.T, atol=1e-6)
+    hook = model.norm.register_forward_hook(lambda m, i, o: hidden.setdefault("x", o))
+    idx = torch.randint(0, 128, (1, 8))
+    logits, _ = model(idx)
+    assert torch.allclose(logits, hidden["x"][:, -1:] @ model.tok_emb.weight.T, atol=1e-6)
     logits.sum().backward()  # the output path's gradient lands in the embedding's storage
     assert model.tok_emb.weight.grad.abs().sum() > 0
+    hook.remove()
+    model.zero_grad()
+    model(idx, idx)[1].backward()  # and the loss's: every token's row (its softmax reaches them all), not only
+    assert (model.tok_emb.weight.grad.abs().sum(1) > 0).sum() == 128  # the 8 rows the input looks up
+
+
+def whole_batch_loss(model, idx, targets, reduction="mean"):
+    """The loss as it was before chunking: every position's fp32 logits at once, through F.cross_entropy."""
+    loss = F.cross_entropy(all_logits(model, idx).float().flatten(0, 1), targets.flatten(), ignore_index=-1,
+                           reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
+def loss_and_grads(model, loss_fn, reduction, weights):
+    """loss_fn()'s loss and every parameter's gradient ("none": of the per-position losses weighted by weights, an
+    arbitrary gradient for each position, as rl.py's advantages give)."""
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    (loss if reduction == "mean" else (loss * weights).sum()).backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+def assert_same(a, b, rtol):
+    """Two (loss, gradients) pairs agree: each tensor to rtol of its largest magnitude."""
+    for name, x, y in [("loss", a[0], b[0]), *((name, a[1][name], b[1][name]) for name in a[1])]:
+        assert (x - y).abs().max() <= rtol * y.abs().max(), name
+
+
+@pytest.mark.parametrize("emb_rank", [0, 16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunked_loss_matches_the_whole_batchs(emb_rank, reduction, monkeypatch):
+    """The loss a chunk of rows at a time (7 of the 120 rows here: the last chunk is short) against the whole batch's
+    fp32 logits at once: the same loss and the same gradient for every parameter, with masked targets, the tied
+    embedding, and a factorized one. Without gradients (evaluation) the same loss too."""
+    monkeypatch.setattr(ChunkedLoss, "CHUNK_BYTES", 4 * 128 * 7)  # 7 rows of 128 fp32 logits
+    model = varied_model(emb_rank=emb_rank).train()
+    idx = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(0))
+    targets = idx.roll(-1, dims=1)
+    targets[0, :9], targets[2, 30:] = -1, -1
+    weights = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
+    chunked = loss_and_grads(model, lambda: model(idx, targets, reduction=reduction)[1], reduction, weights)
+    whole = loss_and_grads(model, lambda: whole_batch_loss(model, idx, targets, reduction), reduction, weights)
+    assert_same(chunked, whole, 1e-5)
+    with torch.no_grad():
+        assert_same((model(idx, targets, reduction=reduction)[1], {}), whole, 1e-6)
+
+
+def test_chunked_loss_under_autocast_and_compiled(monkeypatch):
+    """Under bf16 autocast the chunked loss and its gradients match the whole batch's to bf16's precision; traced
+    by torch.compile (dynamo and AOTAutograd, what train.py's compile hands to Inductor) they are the eager ones."""
+    monkeypatch.setattr(ChunkedLoss, "CHUNK_BYTES", 4 * 128 * 7)
+    model = Forge(tiny_config()).train()
+    idx = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(0))
+    targets = torch.where(torch.arange(40) < 9, -1, idx.roll(-1, dims=1))
+    with torch.autocast("cpu", torch.bfloat16):
+        chunked = loss_and_grads(model, lambda: model(idx, targets)[1], "mean", None)
+        whole = loss_and_grads(model, lambda: whole_batch_loss(model, idx, targets), "mean", None)
+    assert_same(chunked, whole, 3e-2)
+    compiled = torch.compile(model, backend="aot_eager", dynamic=False)
+    assert_same(loss_and_grads(model, lambda: compiled(idx, targets)[1], "mean", None),
+                loss_and_grads(model, lambda: model(idx, targets)[1], "mean", None), 1e-6)
 
 
 def test_no_bias_anywhere():

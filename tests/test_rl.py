@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import rl
-from conftest import BYTE, ROOT, SP, ScriptedModel, text_ids, tiny_model, write_checkpoint
+from conftest import BYTE, ROOT, SP, ScriptedModel, all_logits, text_ids, tiny_model, write_checkpoint
 from replies import generate_reply
 from tokenizer import render_prompt
 
@@ -79,7 +79,7 @@ def test_policy_loss_scores_only_reply_tokens():
     assert rl.policy_loss(model, prompt, replies, [0.0, 0.0], 1.0, ctx).item() == 0.0
     loss = rl.policy_loss(model, prompt, replies, [1.0, 0.0], 1.0, ctx)
     seq = torch.tensor([prompt + replies[0]])
-    logits, _ = model(seq[:, :-1], seq[:, :-1])
+    logits = all_logits(model, seq[:, :-1])
     logp = torch.log_softmax(logits.float(), -1)[0, len(prompt) - 1:].gather(-1, seq[0, len(prompt):, None])
     assert loss.item() == pytest.approx(-logp.sum().item(), rel=1e-5)
 
