@@ -81,7 +81,7 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0          # 0: no clipping
 seq_curriculum = []      # [(from_iter, block_size, batch_size), ...]: shorter windows first (Yxanul)
-windows = "random"       # random | documents: windows start anywhere, or at a document's <|bos|> (prepare's index)
+windows = "documents"    # documents | random: windows start at a document's <|bos|> (prepare's index), or anywhere
 max_nonfinite = 5        # stop after this many non-finite losses / gradients in a row
 # system
 device = "auto"          # auto | cpu | cuda | mps (torchrun: the local GPU)

@@ -20,3 +20,4 @@ min_lr = 2e-4
 warmup_iters = 100
 eval_interval = 500
 eval_iters = 10
+windows = "documents"
