@@ -447,14 +447,20 @@ def bench_data(args, plan, train_rows):
 
 # ----------------------------------------------------------------------------- memory
 
-def write_random_data(folder, n_tokens=1_000_000):
-    """A data folder train.py can train on: random GPT-2 tokens in prepare.py's files, no loss mask."""
+def write_random_data(folder, n_tokens=1_000_000, doc_tokens=1024):
+    """A data folder train.py can train on: documents of doc_tokens random GPT-2 tokens, each after a <|bos|>, in
+    prepare.py's files (with the index of where each starts), no loss mask."""
     os.makedirs(folder)
     rng = np.random.default_rng(0)
+    starts = np.arange(0, n_tokens, doc_tokens, dtype=np.uint64)
     for split in ("train", "val"):
-        rng.integers(0, 50257, n_tokens, dtype=np.uint16).tofile(os.path.join(folder, f"{split}.bin"))
+        tokens = rng.integers(0, 50257, n_tokens, dtype=np.uint16)
+        tokens[starts.astype(np.int64)] = 50257  # <|bos|>
+        tokens.tofile(os.path.join(folder, f"{split}.bin"))
+        starts.tofile(os.path.join(folder, f"{split}_index.bin"))
+    sizes = {"tokens": n_tokens, "documents": len(starts)}
     save_json({"tokenizer": "gpt2", "vocab_size": 50304, "n_vocab": 50257, "dtype": "uint16", "mask": False,
-               "train": {"tokens": n_tokens}, "val": {"tokens": n_tokens}, "sources": {"bench.py": "random tokens"}},
+               "train": sizes, "val": sizes, "sources": {"bench.py": "random tokens"}},
               os.path.join(folder, "meta.json"))
 
 

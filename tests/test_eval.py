@@ -97,10 +97,12 @@ def test_reasoning_score_shows_what_thinking_buys():
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, reasoning_data):
-    """A few seconds of train.py on the built-in data: a real checkpoint to evaluate -> (out_dir, data_dir)."""
+    """A few seconds of train.py on the built-in data: a real checkpoint to evaluate -> (out_dir, data_dir). Random
+    windows, the kind eval.py's val loss reads (consecutive ones), so that train.py's val loss estimates it."""
     out = tmp_path_factory.mktemp("e2e") / "out"
-    rc, _, err = run_script("train.py", f"--out_dir={out}", f"--data_dir={reasoning_data}", "--n_layer=1",
-                            "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--block_size=64", "--batch_size=8",
+    rc, _, err = run_script("train.py", f"--out_dir={out}", f"--data_dir={reasoning_data}", "--windows=random",
+                            "--n_layer=1", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--block_size=64",
+                            "--batch_size=8",
                             "--max_iters=10", "--eval_interval=10", "--eval_iters=4", "--compile=False",
                             "--device=cpu", "--dtype=float32", timeout=300)
     assert rc == 0, err
