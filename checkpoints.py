@@ -1,7 +1,8 @@
 """
 Checkpoints: writing them atomically, reading them back safely, and the one way to build a Forge.
 
-A checkpoint is a dict: "model" (state dict), "model_args" (ModelConfig fields), "tokenizer" (name), "config"
+A checkpoint is a dict: "model" (state dict), "model_args" (ModelConfig fields), "tokenizer" (a built-in's name or
+a trained BPE's dict: tokenizer.get_tokenizer), "config"
 (the run's settings), and for resuming: "optimizer", "scaler", "iter_num", "best_val_loss" (rl.py:
 "best_accuracy", "pass_rates"), "rng". Everything in it is a tensor or plain Python data, so it loads with
 weights_only=True.

@@ -31,10 +31,11 @@ def run_main(main, *args):
         sys.exit(f"{script}: error: {e}")
 
 
-def load_tokenizer(name):
-    """tokenizer.get_tokenizer, with its problems (an unknown name, no GPT-2 ranks offline) as UserError."""
+def load_tokenizer(spec):
+    """tokenizer.get_tokenizer, with its problems (an unknown name, no GPT-2 ranks offline, a corrupt trained
+    tokenizer) as UserError."""
     try:
-        return get_tokenizer(name)
+        return get_tokenizer(spec)
     except ValueError as e:
         raise UserError(str(e)) from None
 

@@ -10,6 +10,7 @@ import torch
 
 from common import UserError
 from tasks import final_number
+from tokenizer import TOKENIZERS, read_bpe, tokenizer_name
 
 
 class TokenFile:
@@ -37,8 +38,9 @@ class TokenFile:
 
 def load_data(data_dir, splits=("train", "val"), documents=False):
     """meta.json and {split: (tokens, loss mask or None, document index or None)}: prepare.py's files as TokenFiles
-    (read on demand). The index ({split}_index.bin: where each document's <|bos|> is) is read for documents=True
-    (train.py's windows="documents") and required then."""
+    (read on demand); meta["tokenizer"] is a tokenizer spec (tokenizer.get_tokenizer), a trained one read whole.
+    The index ({split}_index.bin: where each document's <|bos|> is) is read for documents=True (train.py's
+    windows="documents") and required then."""
     default_dir = os.path.normpath(data_dir) == os.path.join("data", "reasoning")
     fix = "run `python prepare.py`" if default_dir else f"run `python prepare.py [DATASET ...] --out_dir {data_dir}`"
     meta_path = os.path.join(data_dir, "meta.json")
@@ -51,6 +53,8 @@ def load_data(data_dir, splits=("train", "val"), documents=False):
         raise UserError(f"{meta_path} is unreadable: {fix} again") from None
     if not isinstance(meta, dict) or not {"tokenizer", "vocab_size"} <= meta.keys():
         raise UserError(f"{meta_path} has no tokenizer / vocab_size: {fix} again")
+    if "tokenizer_file" in meta:  # a trained BPE: meta["tokenizer"] becomes its dict, which checkpoints keep
+        meta["tokenizer"] = read_trained_tokenizer(data_dir, meta, fix)
     bins = {}
     for split in splits:
         path = os.path.join(data_dir, f"{split}.bin")
@@ -70,6 +74,26 @@ def load_data(data_dir, splits=("train", "val"), documents=False):
         index = index if documents else None
         bins[split] = (tokens, mask, index)
     return meta, bins
+
+
+def read_trained_tokenizer(data_dir, meta, fix):
+    try:
+        spec = read_bpe(os.path.join(data_dir, meta["tokenizer_file"]))
+    except ValueError as e:
+        raise UserError(f"{e}; {fix} again") from None
+    if spec["name"] != meta["tokenizer"]:
+        raise UserError(f"{data_dir}'s data was prepared with {meta['tokenizer']} but its {meta['tokenizer_file']} is "
+                        f"{spec['name']}: {fix} again")
+    return spec
+
+
+def check_tokenizer(meta, tokenizer, data_dir):
+    """Data and model must share their tokenizer (a trained one's name is the hash of its tokens)."""
+    ours, theirs = tokenizer_name(meta["tokenizer"]), tokenizer_name(tokenizer)
+    if ours != theirs:
+        fix = theirs if theirs in TOKENIZERS else "FOLDER (the data the model was trained on, with its bpe.json)"
+        raise UserError(f"{data_dir} holds {ours} tokens but the checkpoint uses the {theirs} tokenizer: prepare "
+                        f"the data with --tokenizer {fix}")
 
 
 def get_batch(tokens, mask, starts, block_size):

@@ -22,7 +22,7 @@ from dataclasses import asdict
 import torch
 
 from common import UserError, robust_stdio, run_main, save_json
-from data import get_batch, load_data, read_gsm8k
+from data import check_tokenizer, get_batch, load_data, read_gsm8k
 from inference import add_model_args, add_sampling_args, checkpoint_path, load_model, make_generator, sampling_kwargs
 from replies import generate_replies, generate_reply, is_correct
 from tasks import TASKS, difficulty_of, heldout_items
@@ -45,9 +45,7 @@ SHOWCASE = [  # the seed designs' five prompts, then three that probe the built-
 def read_val(data_dir, model, enc):
     """meta.json and the val split (tokens, mask or None) of a prepare.py folder, checked against the model."""
     meta, bins = load_data(data_dir, splits=("val",))
-    if meta["tokenizer"] != enc.name:
-        raise UserError(f"{data_dir} was prepared with the {meta['tokenizer']} tokenizer, the checkpoint uses "
-                        f"{enc.name}")
+    check_tokenizer(meta, enc.name, data_dir)
     tokens, mask, _ = bins["val"]
     chunk = 1 << 22  # 8 MB at a time: the val.bin of a big corpus may not fit in memory at once
     top = max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=0)

@@ -4,9 +4,9 @@ Export a checkpoint for use outside this repo.
     python export.py [--ckpt out/best.pt] [--out_dir DIR] [--format pt|safetensors|hf|gguf|all]
                      [--dtype float32|float16|bfloat16|q8_0]
 
-  pt           DIR/model.pt           our state dict + model_args + tokenizer name, no optimizer state
+  pt           DIR/model.pt           our state dict + model_args + tokenizer, no optimizer state
                                       (checkpoints.load_checkpoint reads it, with weights_only=True)
-  safetensors  DIR/model.safetensors  our tensor names; model_args and the tokenizer name in the metadata
+  safetensors  DIR/model.safetensors  our tensor names; model_args and the tokenizer in the metadata
   hf           DIR/hf/                a Hugging Face LlamaForCausalLM folder: config.json,
                                       generation_config.json, model.safetensors, tokenizer.json and
                                       tokenizer_config.json (with the chat template), and the tiktoken
@@ -37,7 +37,7 @@ from checkpoints import build_model, load_checkpoint, save_checkpoint
 from common import UserError, load_tokenizer, run_main, save_json
 from device import DTYPES
 from inference import find_checkpoint
-from tokenizer import SPECIAL_TOKENS, read_ranks, special_ids
+from tokenizer import SPECIAL_TOKENS, pre_tokenizer_name, read_ranks, special_ids
 
 
 def cast(state_dict, dtype):
@@ -47,21 +47,23 @@ def cast(state_dict, dtype):
 
 # ----------------------------------------------------------------------------- pt and safetensors
 
-def export_pt(model, tokenizer_name, path, dtype=torch.float32):
+def export_pt(model, tokenizer, path, dtype=torch.float32):
     """A checkpoint without optimizer/resume state: the dict load_checkpoint expects, nothing more."""
     save_checkpoint({"model": cast(model.state_dict(), dtype), "model_args": asdict(model.config),
-                     "tokenizer": tokenizer_name}, path)
+                     "tokenizer": tokenizer}, path)
 
 
-def export_safetensors(model, tokenizer_name, path, dtype=torch.float32):
+def export_safetensors(model, tokenizer, path, dtype=torch.float32):
+    """Metadata holds strings only: a trained tokenizer's dict goes in as JSON."""
     from safetensors.torch import save_file
-    metadata = {"format": "pt", "model_args": json.dumps(asdict(model.config)), "tokenizer": tokenizer_name or ""}
+    metadata = {"format": "pt", "model_args": json.dumps(asdict(model.config)),
+                "tokenizer": json.dumps(tokenizer) if isinstance(tokenizer, dict) else tokenizer or ""}
     save_file(cast(model.state_dict(), dtype), f"{path}.tmp", metadata=metadata)
     os.replace(f"{path}.tmp", path)
 
 
 def load_safetensors(path, device="cpu"):
-    """model.safetensors written by export_safetensors -> (Forge in eval mode, tokenizer name)."""
+    """model.safetensors written by export_safetensors -> (Forge in eval mode, tokenizer spec or None)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     try:
@@ -73,7 +75,8 @@ def load_safetensors(path, device="cpu"):
     if "model_args" not in metadata:
         raise UserError(f"{path} was not written by export.py (no model_args in its metadata)")
     model = build_model(json.loads(metadata["model_args"]), state_dict, path)
-    return model.to(device).eval(), metadata.get("tokenizer") or None
+    tokenizer = metadata.get("tokenizer") or None
+    return model.to(device).eval(), json.loads(tokenizer) if tokenizer and tokenizer[0] == "{" else tokenizer
 
 
 # ----------------------------------------------------------------------------- hf: weights and config
@@ -343,7 +346,7 @@ def export_gguf(model, enc, path, dtype_name="float32"):
 
     texts, types, merges = gguf_vocab(enc, cfg.vocab_size)
     w.add_tokenizer_model("gpt2")  # byte-level BPE
-    w.add_tokenizer_pre("gpt-2")  # GPT-2's split regex: tiktoken's r50k pattern, which both tokenizers use
+    w.add_tokenizer_pre(pre_tokenizer_name(enc))  # llama.cpp has the split regex built in, by this name
     w.add_token_list(texts)
     w.add_token_types(types)
     w.add_token_merges(merges)
@@ -389,18 +392,18 @@ def export(ckpt_path, out_dir, formats, dtype_name="float32"):
     if dtype_name not in DTYPES and formats != ["gguf"]:
         raise UserError(f"--dtype {dtype_name} is a GGUF type: use it with --format gguf")
     model, ckpt = load_checkpoint(ckpt_path)
-    tokenizer_name, dtype = ckpt.get("tokenizer"), DTYPES.get(dtype_name)
+    tokenizer, dtype = ckpt.get("tokenizer"), DTYPES.get(dtype_name)
     if {"hf", "gguf"} & set(formats):  # resolve the tokenizer before writing anything
-        if not tokenizer_name:
+        if not tokenizer:
             raise UserError(f"{ckpt_path} names no tokenizer: the hf and gguf exports need one to write theirs")
-        enc = load_tokenizer(tokenizer_name)
+        enc = load_tokenizer(tokenizer)
     os.makedirs(out_dir, exist_ok=True)
     written = []
     if "pt" in formats:
-        export_pt(model, tokenizer_name, os.path.join(out_dir, "model.pt"), dtype)
+        export_pt(model, tokenizer, os.path.join(out_dir, "model.pt"), dtype)
         written.append(os.path.join(out_dir, "model.pt"))
     if "safetensors" in formats:
-        export_safetensors(model, tokenizer_name, os.path.join(out_dir, "model.safetensors"), dtype)
+        export_safetensors(model, tokenizer, os.path.join(out_dir, "model.safetensors"), dtype)
         written.append(os.path.join(out_dir, "model.safetensors"))
     if "hf" in formats:
         export_hf(model, enc, os.path.join(out_dir, "hf"), dtype)

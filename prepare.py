@@ -5,12 +5,15 @@ Datasets -> token files for train.py.
     python prepare.py gsm8k openhermes --max_samples 20000 --tokenizer gpt2
     python prepare.py my_notes.txt qa.jsonl gsm8k=gsm8k-train.parquet tinystories=TinyStories-train.txt
     python prepare.py fineweb-edu --max_doc_tokens 4096 --resume   # go on after an interruption
+    python prepare.py tinystories --tokenizer bpe:16384    # train a 16k BPE on (100 MB of) the data, then tokenize
+    python prepare.py sft.jsonl --tokenizer data/tinystories   # SFT data with the pretraining data's tokenizer
 
 Writes OUT_DIR/train.bin and OUT_DIR/val.bin (np.uint16 token ids, every document is <|bos|> … <|eos|>),
 OUT_DIR/{train,val}_index.bin (np.uint64: where each document starts, for train.py's windows="documents"), for chat
 data OUT_DIR/train_mask.bin and OUT_DIR/val_mask.bin (np.uint8, 1 = a token the model learns to produce), and
-OUT_DIR/meta.json. Every source is streamed (a JSON array too, record by record). Everything is written under
-temporary names, with OUT_DIR/progress.json committed after each shard, and renamed at the end; meta.json comes last.
+OUT_DIR/meta.json; a tokenizer trained here (or reused) is OUT_DIR/bpe.json (tokenizer.py). Every source is streamed
+(a JSON array too, record by record). Everything is written under temporary names, with OUT_DIR/progress.json
+committed after each shard, and renamed at the end; meta.json comes last.
 """
 import argparse
 import codecs
@@ -32,7 +35,8 @@ from tqdm import tqdm
 
 from common import StopFlag, UserError, load_tokenizer, run_main, save_json
 from tasks import Difficulty, sample_problem
-from tokenizer import TOKENIZERS, padded_vocab_size, render_conversation, special_ids
+from tokenizer import (BPE_FILE, MAX_BPE, MIN_BPE, TOKENIZERS, padded_vocab_size, read_bpe, render_conversation,
+                       special_ids, train_bpe)
 
 
 # ============================================================ the built-in reasoning dataset
@@ -384,10 +388,79 @@ def encode_chunk(items, enc, key):
         except RECORD_ERRORS as e:
             out.append((position, e))
             continue
-        # the split is a hash of the tokens: identical documents always land on the same side
-        h = hashlib.blake2b(ids.tobytes(), digest_size=8, key=key).digest()
-        out.append((position, (ids, mask, int.from_bytes(h, "little") / 2 ** 64, not isinstance(doc, str))))
+        out.append((position, (ids, mask, val_draw(doc, key), not isinstance(doc, str))))
     return out
+
+
+def val_draw(doc, key):
+    """A number in [0, 1) hashed from the document's text: below --val_fraction it is a val document. Identical
+    documents always land on the same side, whatever the tokenizer (a BPE learns from train documents only)."""
+    text = doc if isinstance(doc, str) else json.dumps(doc, ensure_ascii=False, sort_keys=True)
+    h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8, key=key).digest()
+    return int.from_bytes(h, "little") / 2 ** 64
+
+
+# ============================================================ the tokenizer: built in, trained here, or reused
+
+def choose_tokenizer(args, sources, out):
+    """The tokenizer: a built-in's name, or a trained BPE's dict, saved as OUT_DIR/bpe.json: trained now on the
+    train documents (--tokenizer bpe:N), read from --tokenizer PATH, or (--resume) the one the run saved."""
+    if args.tokenizer in TOKENIZERS:
+        return args.tokenizer
+    saved = os.path.join(out, BPE_FILE)
+    try:
+        if args.bpe_size is None:
+            spec = reused_tokenizer(args.tokenizer)
+        elif args.resume and os.path.exists(saved):
+            spec = read_bpe(saved)
+        else:
+            spec = train_on_sample(sources, args)
+    except ValueError as e:  # tokenizer.py's one-line messages
+        raise UserError(str(e)) from None
+    if isinstance(spec, dict):
+        save_json(spec, saved)
+    return spec
+
+
+def reused_tokenizer(path):
+    """--tokenizer PATH: a bpe.json, or a prepared folder, whose tokenizer may be a built-in one."""
+    try:
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+            name = json.load(f).get("tokenizer")
+        if name in TOKENIZERS:
+            return name
+    except (OSError, ValueError, AttributeError):
+        pass  # not a prepared folder: read_bpe says what is wrong
+    return read_bpe(path)
+
+
+def train_on_sample(sources, args):
+    t0, sample = time.time(), {"bytes": 0}
+    spec = train_bpe(bpe_texts(sources, args, sample), args.bpe_size)
+    print(f"trained {spec['name']} on {sample['bytes'] / 1e6:.1f} MB of text in {time.time() - t0:.1f}s")
+    if len(spec["tokens"]) + 12 < args.bpe_size:
+        print(f"note: {len(spec['tokens']) + 12} tokens, not {args.bpe_size}: the sample had no more pairs to merge")
+    return spec
+
+
+def bpe_texts(sources, args, sample):
+    """The text a BPE learns from: each source's train documents in the order prepare.py reads them (--max_samples
+    too), up to an equal share of --bpe_sample_mb per source; a chat gives its messages' text, not its tags."""
+    key, share = args.seed.to_bytes(8, "little", signed=True), args.bpe_sample_mb * 1e6 / len(sources)
+    for src in sources:
+        taken = 0
+        for _, doc in documents(src, itertools.islice(src.read(None), args.max_samples)):
+            if isinstance(doc, UserError):
+                raise doc
+            if isinstance(doc, Exception) or val_draw(doc, key) < args.val_fraction:
+                continue
+            texts = [doc] if isinstance(doc, str) else [m[k] for m in doc for k in ("content", "thinking") if m.get(k)]
+            for text in texts:
+                taken += len(text.encode("utf-8", "surrogatepass"))
+                yield text
+            if taken >= share:
+                break
+        sample["bytes"] += taken
 
 
 class BinWriter:
@@ -505,7 +578,7 @@ def encode_in_parallel(items, enc, key, pool, workers):
 
 def settings_of(args):
     """What decides prepare.py's output, as progress.json keeps it: a resumed run must have the same."""
-    keys = ("datasets", "max_samples", "tokenizer", "val_fraction", "seed", "max_doc_tokens")
+    keys = ("datasets", "max_samples", "tokenizer", "bpe_sample_mb", "val_fraction", "seed", "max_doc_tokens")
     return json.loads(json.dumps({**{k: getattr(args, k) for k in keys}, "difficulty": asdict(args.difficulty)}))
 
 
@@ -608,15 +681,20 @@ def write(item, stats, writers, args):
 
 def prepare(args):
     sources = [open_source(spec, args) for spec in args.datasets]
-    enc = load_tokenizer(args.tokenizer)
-    if enc.n_vocab > 65536:
-        raise UserError(f"tokenizer {args.tokenizer} has {enc.n_vocab} tokens: ids above 65535 do not fit uint16")
     out = args.out_dir or os.path.join("data", "+".join(s.name for s in sources))
     new_dir = not os.path.exists(out)
     if args.resume and new_dir:
         raise UserError(f"nothing to resume: {out} does not exist; run without --resume")
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
+    try:
+        enc = load_tokenizer(choose_tokenizer(args, sources, out))
+    except BaseException:
+        if new_dir and not os.listdir(out):
+            os.rmdir(out)
+        raise
+    if enc.n_vocab > 65536:
+        raise UserError(f"tokenizer {enc.name} has {enc.n_vocab} tokens: ids above 65535 do not fit uint16")
     progress = Progress(out, args)
     writers = {split: BinWriter(out, split, progress.sizes and progress.sizes[split]) for split in ("train", "val")}
     try:
@@ -645,7 +723,7 @@ def prepare(args):
     seconds = time.time() - t0
     tokens = totals["train"]["tokens"] + totals["val"]["tokens"]
     print(f"wrote {out}: train {totals['train']['tokens']:,} tokens / {totals['train']['documents']:,} docs, "
-          f"val {totals['val']['tokens']:,} tokens / {totals['val']['documents']:,} docs, tokenizer {args.tokenizer} "
+          f"val {totals['val']['tokens']:,} tokens / {totals['val']['documents']:,} docs, tokenizer {enc.name} "
           f"(vocab {padded_vocab_size(enc)}), {seconds:.1f}s, {tokens / max(seconds, 1e-9):,.0f} tokens/s")
     return meta
 
@@ -660,11 +738,13 @@ def finish(out, writers, stats, totals, enc, args, progress):
         w.commit(with_mask)
     if progress.kept():
         os.remove(progress.path)
-    meta = {"tokenizer": args.tokenizer, "vocab_size": padded_vocab_size(enc), "n_vocab": enc.n_vocab,
+    meta = {"tokenizer": enc.name, "vocab_size": padded_vocab_size(enc), "n_vocab": enc.n_vocab,
             "special_tokens": special_ids(enc), "dtype": "uint16", "mask": with_mask, "index": "uint64", **totals,
             "sources": {name: {k: v for k, v in s.items() if k != "chat"} for name, s in stats.items()},
             "val_fraction": args.val_fraction, "seed": args.seed, "max_doc_tokens": args.max_doc_tokens,
             "command": args.command}
+    if enc.name not in TOKENIZERS:
+        meta["tokenizer_file"] = BPE_FILE
     if "reasoning" in args.datasets:
         meta["difficulty"] = asdict(args.difficulty)
     save_json(meta, meta_path)
@@ -682,7 +762,10 @@ def parse_args(argv):
                    help=f"reasoning (default), {', '.join(RECIPES)}, local {'/'.join(LOCAL_FILES)} files, "
                         "or RECIPE=FILE (a recipe applied to that dataset's downloaded file)")
     p.add_argument("--max_samples", type=int, help="records per dataset: only those are read")
-    p.add_argument("--tokenizer", choices=TOKENIZERS, help="default: byte for reasoning alone, else gpt2")
+    p.add_argument("--tokenizer", help="byte, gpt2, bpe:N (train an N-token BPE on the data), or a trained "
+                   f"tokenizer to reuse ({BPE_FILE}, or a folder prepared with one); default: byte for reasoning "
+                   "alone, else gpt2")
+    p.add_argument("--bpe_sample_mb", type=float, default=100, help="bpe:N learns from this much of the text")
     p.add_argument("--out_dir", help="output folder (default: data/NAME)")
     p.add_argument("--val_fraction", type=float, default=0.05, help="share of documents for validation")
     p.add_argument("--num_proc", type=int, default=min(8, os.cpu_count() or 1), help="tokenizer threads")
@@ -705,6 +788,15 @@ def parse_args(argv):
         p.error("difficulty: --digits >= 1, --mul_digits like 2x1, --list_len >= 3")
     args.difficulty = Difficulty(args.digits, tuple(int(x) for x in args.mul_digits.split("x")), args.list_len)
     args.tokenizer = args.tokenizer or ("byte" if args.datasets == ["reasoning"] else "gpt2")
+    bpe = re.fullmatch(r"bpe:(\d+)", args.tokenizer)
+    args.bpe_size = int(bpe[1]) if bpe else None
+    if args.bpe_size is not None and not MIN_BPE <= args.bpe_size <= MAX_BPE:
+        p.error(f"--tokenizer {args.tokenizer}: a trained vocabulary has {MIN_BPE} to {MAX_BPE} tokens (uint16 ids)")
+    if args.tokenizer not in TOKENIZERS and not bpe and not os.path.exists(args.tokenizer):
+        p.error(f"--tokenizer {args.tokenizer}: use byte, gpt2, bpe:N, or the path of a {BPE_FILE} or of a folder "
+                "prepared with one")
+    if args.bpe_sample_mb <= 0:
+        p.error("--bpe_sample_mb must be positive")
     args.command = shlex.join(["python", "prepare.py", *(str(a) for a in argv if a != "--resume")])
     return args
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 import configurator
 from checkpoints import build_model
 from common import StopFlag, UserError, load_tokenizer
-from data import get_batch, load_data, random_starts, read_gsm8k, to_device
+from data import check_tokenizer, get_batch, load_data, random_starts, read_gsm8k, to_device
 from device import DTYPES, amp_dtype, autocast, inference_dtype, resolve_device
 from replies import generate_replies, is_correct
 from tasks import TASKS, difficulty_of, heldout_items, sample_problem
@@ -306,6 +306,8 @@ def main(argv):
     # data_dir gives the built-in tasks' difficulty and the mix-in's training data (GSM8K needs neither)
     needs_data = cfg.data_dir and (cfg.sft_coef or not cfg.gsm8k)
     meta, bins = load_data(cfg.data_dir, splits=("train",) if cfg.sft_coef else ()) if needs_data else ({}, {})
+    if bins:  # sft_coef mixes its documents in
+        check_tokenizer(meta, enc.name, cfg.data_dir)
     problems = Problems(cfg, difficulty_of({} if cfg.gsm8k else meta))
     # Dropout off: the log-probabilities of the update must be those of the policy that sampled the replies.
     model_args = ckpt["model_args"] | {"dropout": 0.0, "grad_checkpoint": cfg.grad_checkpoint}

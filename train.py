@@ -31,9 +31,10 @@ from tqdm import tqdm
 import configurator
 from checkpoints import build_model
 from common import StopFlag, UserError
-from data import get_batch, load_data, random_starts, to_device
+from data import check_tokenizer, get_batch, load_data, random_starts, to_device
 from device import (DTYPES, amp_dtype, autocast, choose_compile, compile_model, cpu_auto_dtype, peak_flops,
                     setup_process)
+from tokenizer import tokenizer_name
 from training import (MetricsLog, add_nan_hook, check_optimizer_settings, clip_gradients, exit_if_stopped,
                       make_optimizer, optimizer_step, run_training, save_run, set_lr, stage_at)
 
@@ -50,6 +51,7 @@ eval_iters = 10          # batches per split per evaluation
 ckpt_interval = 250      # save out_dir/ckpt.pt every this many iterations (and on exit)
 log_interval = 10        # progress bar and metrics.jsonl every this many iterations
 dry_run = False          # print the config, model size and memory estimate, then exit
+dry_run_vocab = 50304    # the vocabulary a dry run assumes while data_dir is not prepared (GPT-2's, padded)
 wandb_log = False
 wandb_project = "nanoforge"
 wandb_run_name = ""
@@ -155,11 +157,8 @@ def get_lr(cfg, it):
 def model_for_run(cfg, meta, ckpt, device="cpu"):
     """(model args, model): fresh, or with a checkpoint's weights (cfg holds its architecture then); the vocabulary
     is the data's. device="meta" builds the shapes only (dry_run: no memory, no time)."""
-    if ckpt is not None and (ckpt.get("tokenizer") != meta["tokenizer"]
-                             or ckpt["model_args"]["vocab_size"] != meta["vocab_size"]):
-        raise UserError(f"the checkpoint was trained with the {ckpt.get('tokenizer')} tokenizer (vocab "
-                        f"{ckpt['model_args']['vocab_size']}) but {cfg.data_dir} holds {meta['tokenizer']} tokens "
-                        f"(vocab {meta['vocab_size']}): prepare the data with --tokenizer {ckpt.get('tokenizer')}")
+    if ckpt is not None:
+        check_tokenizer(meta, ckpt.get("tokenizer"), cfg.data_dir)
     stored = ckpt["model_args"] if ckpt is not None else {}  # fields train.py has no setting for (rope_theta...)
     args = stored | {k: getattr(cfg, k) for k in ARCHITECTURE} | dict(vocab_size=meta["vocab_size"],
         block_size=cfg.block_size, dropout=cfg.dropout, grad_checkpoint=cfg.grad_checkpoint)
@@ -218,10 +217,11 @@ def setup(cfg):
 
 
 def read_data(cfg, say):
-    """meta.json and the train/val bins; a dry run needs only the vocabulary (GPT-2's where nothing is prepared)."""
+    """meta.json and the train/val bins; a dry run needs only the vocabulary (dry_run_vocab where nothing is
+    prepared)."""
     if cfg.dry_run and not os.path.isfile(os.path.join(cfg.data_dir, "meta.json")):
-        say(f"dry run: {cfg.data_dir} is not prepared yet; assuming the GPT-2 tokenizer's vocabulary (50304)")
-        return {"tokenizer": "gpt2", "vocab_size": 50304}, {}
+        say(f"dry run: {cfg.data_dir} is not prepared yet; assuming a vocabulary of {cfg.dry_run_vocab} tokens")
+        return {"tokenizer": "assumed", "vocab_size": cfg.dry_run_vocab}, {}
     meta, splits = load_data(cfg.data_dir, () if cfg.dry_run else ("train", "val"), cfg.windows == "documents")
     for split, (tokens, _, _) in splits.items():
         if len(tokens) <= cfg.block_size:  # curriculum stages are no longer (check_config)
@@ -239,7 +239,7 @@ def describe(cfg, meta, model, amp, world, device, master, say):
                       subsequent_indent="    ", break_on_hyphens=False))
     say(f"model: {n_params['total'] / 1e6:.2f}M parameters ({n_params['embedding'] / 1e6:.2f}M embedding), "
         f"{mc.n_layer} layers, d={mc.n_embd}, heads {mc.n_head}/{mc.n_kv_head}, ffn {mc.ffn_hidden}, "
-        f"context {mc.block_size}, {meta['tokenizer']} tokenizer (vocab {mc.vocab_size})")
+        f"context {mc.block_size}, {tokenizer_name(meta['tokenizer'])} tokenizer (vocab {mc.vocab_size})")
     say(f"tokens per step: {B_max} micro-batch x {T_max} context x {cfg.grad_accum} accumulation x {world} "
         f"process{'es' if world > 1 else ''} = {B_max * T_max * cfg.grad_accum * world:,}"
         + (" (largest curriculum stage)" if cfg.seq_curriculum else ""))

@@ -2,9 +2,11 @@
 # weights (and architecture) with a fresh optimizer; the loss covers only the assistant's turns (the
 # masks prepare.py writes for chat data). A lower learning rate, a short warmup, fewer iterations.
 #   needs: a stage-one checkpoint, e.g. python train.py config/nano_3050ti.py --data_dir=data/fineweb
-#          python prepare.py openthoughts gsm8k openhermes --max_samples 50000 --max_doc_tokens 1024 --out_dir data/sft
-#          (gsm8k: GSM8K's train split; rl_gsm8k_nano.py evaluates on its test split. --max_doc_tokens drops what
-#          a 1024-token window cannot hold whole: meta.json counts them per source)
+#          python prepare.py openthoughts gsm8k openhermes --max_samples 50000 --max_doc_tokens 1024 \
+#              --tokenizer data/fineweb --out_dir data/sft
+#          (--tokenizer data/fineweb: the tokenizer stage one's data was prepared with, trained or not. gsm8k: GSM8K's
+#          train split; rl_gsm8k_nano.py evaluates on its test split. --max_doc_tokens drops what a 1024-token window
+#          cannot hold whole: meta.json counts them per source)
 #   run:   python train.py config/sft_chat.py --init_from=out-nano/best.pt
 # Micro-batch and checkpointing below fit a 4 GB card with Nano; raise batch_size on bigger GPUs.
 init_from = "out-nano/best.pt"

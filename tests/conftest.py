@@ -1,6 +1,8 @@
 """What the tests share: one tiny-model factory, one checkpoint writer, one way to run a script as a user does,
 and a scripted stand-in for a model. Test files import nothing from each other, only from here."""
 import dataclasses
+import functools
+import glob
 import os
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 
 from checkpoints import save_checkpoint
 from model import Forge, ModelConfig
-from tokenizer import GPT2_RANKS_ENV, get_tokenizer, padded_vocab_size
+from tokenizer import GPT2_RANKS_ENV, get_tokenizer, padded_vocab_size, train_bpe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BYTE = get_tokenizer("byte")
@@ -21,12 +23,29 @@ needs_gpt2_ranks = pytest.mark.skipif(not os.environ.get(GPT2_RANKS_ENV),
                                       reason=f"needs the GPT-2 ranks: set {GPT2_RANKS_ENV} to a gpt2.tiktoken file")
 
 
+@functools.cache
+def trained_bpe():
+    """A 2,048-token BPE trained on this repository's own text (docs and code), as prepare.py --tokenizer bpe:N
+    trains one (a second of rustbpe)."""
+    texts = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "*.md")) + glob.glob(os.path.join(ROOT, "docs", "*.md"))
+                       + glob.glob(os.path.join(ROOT, "*.py"))):
+        with open(path, encoding="utf-8") as f:
+            texts.append(f.read())
+    return train_bpe(texts, 2048)
+
+
+def tokenizer_spec(name):
+    """What get_tokenizer takes for a test's tokenizer name: "bpe" is trained_bpe()."""
+    return trained_bpe() if name == "bpe" else name
+
+
 def tiny_model(seed=0, random_norms=False, tokenizer="byte", **overrides):
     """A small Forge (2 layers, d=64, GQA 4/2) over the tokenizer's padded vocabulary; overrides change any
     ModelConfig field. random_norms also randomizes the norm gains and scales weights up, so that logits are
     well separated (for comparisons against another implementation)."""
-    args = dict(vocab_size=padded_vocab_size(get_tokenizer(tokenizer)), block_size=128, n_layer=2, n_head=4,
-                n_kv_head=2, n_embd=64) | overrides
+    vocab_size = padded_vocab_size(get_tokenizer(tokenizer_spec(tokenizer)))
+    args = dict(vocab_size=vocab_size, block_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=64) | overrides
     torch.manual_seed(seed)
     model = Forge(ModelConfig(**args)).eval()
     if random_norms:

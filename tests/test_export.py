@@ -19,7 +19,8 @@ import export
 import isolate
 from checkpoints import load_checkpoint
 from replies import reply_stop_ids
-from conftest import BYTE, ROOT, all_logits, greedy_ids, needs_gpt2_ranks, run_script, tiny_model, write_checkpoint
+from conftest import (BYTE, ROOT, all_logits, greedy_ids, needs_gpt2_ranks, run_script, tiny_model, tokenizer_spec,
+                      write_checkpoint)
 from tasks import heldout_items
 from tokenizer import all_special_ids, get_tokenizer, render_conversation, render_prompt
 
@@ -29,12 +30,16 @@ from tokenizer import all_special_ids, get_tokenizer, render_conversation, rende
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs "
                                      "llama-cpp-python, built from source by `bash .ci/llama_cpp.sh` (CI does it)")
 
-TOKENIZERS = ["byte", pytest.param("gpt2", marks=needs_gpt2_ranks)]
+TOKENIZERS = ["byte", pytest.param("gpt2", marks=needs_gpt2_ranks), "bpe"]  # bpe: conftest.trained_bpe
 
 MIXED = ("Hello, World! It's 3.14159 -- we'll SEE what they'RE doing. Ça va? naïve café, Größe, ¿qué? "
          "日本語のテキスト, русский текст 😀👍🏽🦙 x=42; y = x**2  # comment\n\n"
          "\tindented  two   three\n"
-         "trailing spaces   \n nbsp\u00a0here, ideographic\u3000space, 1234567890 0.5e-3 $9.99 100%\r\n")
+         "trailing spaces   \n nbsp\u00a0here, ideographic\u3000space, 1234567890 0.5e-3 $9.99 100%\r\n"
+         # what the split patterns treat specially: contractions in any case, digits that are not 0-9, runs of
+         # newlines and spaces, punctuation glued to words
+         "I'M SURE YOU'LL SEE; they'D've it'S DON'T \u2019s ½ ² Ⅻ ١٢٣ ০৭ 3⁄4\n\n\n \n\t\r\n   x\n"
+         "...!!!???,,, (a)[b]{c} <| |> 'quoted' \"dq\" a--b a__b @user #tag https://x.org/a?b=1&c=2\n")
 CHAT = [{"role": "system", "content": "You are terse."},
         {"role": "user", "content": "What is 17 * 3? Answer in digits."},
         {"role": "assistant", "thinking": "17 * 3 = 51, déjà vu 🤔", "content": "51"},
@@ -110,7 +115,7 @@ def test_hf_folder_contents(tmp_path, capsys):
 @pytest.fixture(scope="module", params=TOKENIZERS)
 def exported_tokenizer(request, tmp_path_factory):
     """(our tiktoken encoding, an hf folder exported with it)."""
-    enc = get_tokenizer(request.param)
+    enc = get_tokenizer(tokenizer_spec(request.param))
     folder = tmp_path_factory.mktemp(request.param) / "hf"
     export.export_hf(tiny_model(random_norms=True, tokenizer=request.param, n_layer=1), enc, str(folder))
     return enc, folder
@@ -258,14 +263,15 @@ def llama_cpp_chat_reply(llm, messages, max_tokens):
 
 GGUF_CASES = [pytest.param(name, "byte", id=name) for name in CONFIGS] + [
     pytest.param("gqa-2-theta", "gpt2", id="gpt2-gqa-2-theta", marks=needs_gpt2_ranks),
-    pytest.param("gqa-rank16", "gpt2", id="gpt2-gqa-rank16", marks=needs_gpt2_ranks)]
+    pytest.param("gqa-rank16", "gpt2", id="gpt2-gqa-rank16", marks=needs_gpt2_ranks),
+    pytest.param("gqa-2-theta", "bpe", id="bpe-gqa-2-theta")]
 
 
 @needs_llama_cpp
 @pytest.mark.parametrize("name, tokenizer", GGUF_CASES)
 def test_gguf_f32_matches_ours_in_llama_cpp(name, tokenizer, tmp_path):
     model = tiny_model(random_norms=True, tokenizer=tokenizer, **CONFIGS[name])
-    export.export_gguf(model, get_tokenizer(tokenizer), str(tmp_path / "model.gguf"))
+    export.export_gguf(model, get_tokenizer(tokenizer_spec(tokenizer)), str(tmp_path / "model.gguf"))
     idx = torch.randint(0, model.config.vocab_size, (1, model.config.block_size),
                         generator=torch.Generator().manual_seed(1))
     prompt = idx[0, :8].tolist()
@@ -369,7 +375,7 @@ def test_llama_cpp_chats_in_our_format_and_stops_at_end_of_turn(trained_gguf):
 @pytest.fixture(scope="module", params=TOKENIZERS)
 def gguf_tokenizer(request, tmp_path_factory):
     """(our tiktoken encoding, llama.cpp's tokenizer on a gguf exported with it)."""
-    enc = get_tokenizer(request.param)
+    enc = get_tokenizer(tokenizer_spec(request.param))
     path = tmp_path_factory.mktemp(f"gguf_{request.param}") / "model.gguf"
     export.export_gguf(tiny_model(tokenizer=request.param, n_layer=1), enc, str(path))
     with isolate.Child(load_llama_cpp, path, vocab_only=True, verbose=False) as llm:

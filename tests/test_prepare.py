@@ -22,7 +22,8 @@ from common import UserError
 from conftest import BYTE, ROOT, needs_gpt2_ranks, run_script
 from prepare import REASONING_EXAMPLES, main, reasoning_documents
 from tasks import TASKS, Difficulty, heldout_items, sample_problem
-from tokenizer import GPT2_RANKS_ENV, get_tokenizer, render_conversation
+from data import load_data
+from tokenizer import GPT2_RANKS_ENV, get_tokenizer, read_bpe, render_conversation, train_bpe
 
 BOS, EOS, THINK, NO_THINK, CLOSE_ASSISTANT = 256, 257, 265, 267, 264
 
@@ -581,3 +582,76 @@ def test_text_dump_of_a_recipe_splits_on_its_separator(tmp_path):
     docs, _ = docs_of(f"tinystories={tmp_path / 'TinyStories-train.txt'}")
     assert docs == ["Once upon a time.\n\nThe end.", "Tom ran.", "Lily sang."]
     assert docs_of(str(tmp_path / "TinyStories-train.txt"))[0][0] == "Once upon a time."  # plain .txt: paragraphs
+
+
+# ---------------------------------------------------------------------------------- a tokenizer trained here
+
+def paragraphs(n, seed=0):
+    """n paragraphs of made-up prose with numbers, each unique."""
+    rng = np.random.default_rng(seed)
+    syllables = ("ka", "lo", "mire", "ne", "rust", "sa", "ti", "vo", "gran", "pel")
+    words = [a + b + c for a in syllables for b in syllables for c in ("", "s", "ing", "ed", "ly", "tion", "er")]
+    return [f"{i}. " + " ".join(rng.choice(words, size=int(rng.integers(20, 60)))).capitalize() + f", {i * 37} more."
+            for i in range(n)]
+
+
+def test_bpe_learns_from_the_train_documents_then_tokenizes_them(tmp_path):
+    text = paragraphs(2000)
+    (tmp_path / "prose.txt").write_text("\n\n".join(text))
+    main([str(tmp_path / "prose.txt"), "--tokenizer", "bpe:1024", "--out_dir", str(tmp_path / "out")])
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["tokenizer"].startswith("bpe1024-") and meta["tokenizer_file"] == "bpe.json"
+    assert meta["vocab_size"] == meta["n_vocab"] == 1024 and meta["special_tokens"]["<|bos|>"] == 1012
+    enc = get_tokenizer(read_bpe(str(tmp_path / "out")))
+    docs = read_split(tmp_path / "out", "train", enc) + read_split(tmp_path / "out", "val", enc)
+    assert sorted(enc.decode(ids[1:-1]) for ids, _ in docs) == sorted(text)
+    assert sum(len(ids) for ids, _ in docs) < 0.3 * sum(len(t) for t in text)  # it learned the words
+    # what it learned from: every train document and no val document
+    args = prepare.parse_args([str(tmp_path / "prose.txt"), "--tokenizer", "bpe:1024"])
+    sample = list(prepare.bpe_texts([prepare.open_source(d, args) for d in args.datasets], args, {"bytes": 0}))
+    val = {enc.decode(ids[1:-1]) for ids, _ in read_split(tmp_path / "out", "val", enc)}
+    assert val and not val & set(sample) and len(sample) == len(text) - len(val)
+    args = prepare.parse_args([str(tmp_path / "prose.txt"), "--tokenizer", "bpe:1024", "--bpe_sample_mb", "0.01"])
+    small = list(prepare.bpe_texts([prepare.open_source(d, args) for d in args.datasets], args, {"bytes": 0}))
+    assert small == sample[:len(small)] and 10_000 <= sum(map(len, small)) < 10_000 + max(map(len, text))
+
+
+def test_a_trained_tokenizer_is_reused_for_other_data_and_checked(tmp_path):
+    (tmp_path / "prose.txt").write_text("\n\n".join(paragraphs(600)))
+    chats = [{"question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(200)]
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in chats))
+    main([str(tmp_path / "prose.txt"), "--tokenizer", "bpe:600", "--out_dir", str(tmp_path / "pre")])
+    main([str(tmp_path / "qa.jsonl"), "--tokenizer", str(tmp_path / "pre"), "--out_dir", str(tmp_path / "sft")])
+    assert (tmp_path / "sft" / "bpe.json").read_bytes() == (tmp_path / "pre" / "bpe.json").read_bytes()
+    meta, _ = load_data(str(tmp_path / "sft"), splits=())
+    assert meta["tokenizer"] == read_bpe(str(tmp_path / "pre"))  # the whole tokenizer, for the checkpoint
+    enc = get_tokenizer(meta["tokenizer"])
+    docs = read_split(tmp_path / "sft", "train", enc) + read_split(tmp_path / "sft", "val", enc)
+    assert sorted(enc.decode(ids) for ids, _ in docs) == sorted(
+        enc.decode(render_conversation([{"role": "user", "content": r["question"]},
+                                        {"role": "assistant", "content": r["answer"]}], enc)[0]) for r in chats)
+    # a folder prepared with a built-in tokenizer passes that on
+    main([str(tmp_path / "qa.jsonl"), "--tokenizer", "byte", "--out_dir", str(tmp_path / "bytes")])
+    main([str(tmp_path / "prose.txt"), "--tokenizer", str(tmp_path / "bytes"), "--out_dir", str(tmp_path / "more")])
+    assert load_data(str(tmp_path / "more"), splits=())[0]["tokenizer"] == "byte"
+    assert not (tmp_path / "more" / "bpe.json").exists()
+    # a folder whose bpe.json is not the tokenizer its bins were made with
+    (tmp_path / "sft" / "bpe.json").write_text(json.dumps(train_bpe(paragraphs(50, seed=1), 600)))
+    with pytest.raises(UserError, match="prepared with bpe600-.* but its bpe.json is bpe"):
+        load_data(str(tmp_path / "sft"), splits=())
+
+
+def test_tokenizer_mistakes_are_one_line_errors(tmp_path):
+    (tmp_path / "prose.txt").write_text("\n\n".join(paragraphs(100)))
+    spec = train_bpe(paragraphs(100), 600)
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "bpe.json").write_text(json.dumps(spec)[:-50])
+    (tmp_path / "edited.json").write_text(json.dumps(dict(spec, tokens=spec["tokens"][::-1])))
+    for tokenizer, message in [("bpe:100", "512 to 65536 tokens"), ("bpe:70000", "512 to 65536 tokens"),
+                               ("bpe:lots", "use byte, gpt2, bpe:N"), (tmp_path / "nowhere", "use byte, gpt2, bpe:N"),
+                               (tmp_path, "no trained tokenizer at"), (tmp_path / "cut", "is not a trained tokenizer"),
+                               (tmp_path / "edited.json", "is corrupt")]:
+        line = one_line_error(run_script("prepare.py", tmp_path / "prose.txt", "--tokenizer", tokenizer,
+                                         "--out_dir", tmp_path / "o"))
+        assert line.startswith("prepare.py: error: ") and message in line, (tokenizer, line)
+        assert not (tmp_path / "o").exists()

@@ -1,12 +1,14 @@
-"""tokenizer.py: the two encodings, the chat format, its loss mask, prompts for generation, splitting
-the generated reply, what of a long conversation fits the context, and streaming decode. References are built
-independently here, piece by piece."""
+"""tokenizer.py: the built-in encodings and a trained BPE, the chat format, its loss mask, prompts for generation,
+splitting the generated reply, what of a long conversation fits the context, and streaming decode. References are
+built independently here, piece by piece."""
+import json
+
 import pytest
 import tiktoken.load
 
-from conftest import needs_gpt2_ranks
+from conftest import needs_gpt2_ranks, trained_bpe
 from tokenizer import (GPT2_RANKS_ENV, SPECIAL_TOKENS, TextStream, fit_to_window, get_tokenizer, padded_vocab_size,
-                       render_conversation, render_prompt, split_thinking)
+                       read_bpe, render_conversation, render_prompt, split_thinking, train_bpe)
 
 MIXED_TEXT = "Hello, wörld! naïve café — 12+30=42 🙂 日本語\n\ttabs  and  spaces"
 
@@ -199,3 +201,58 @@ def test_gpt2_tokenizer_from_local_ranks():
     assert ids[0] == 50257 and ids[-1] == 50258 and 50256 not in ids
     assert ids[1:-1].count(sid(enc, "<|think|>")) == 1  # only the real think block
     assert split_thinking(ids[ids.index(sid(enc, "<|think|>")):], enc) == ("hmm", "ok")
+
+
+# ---------------------------------------------------------------------------------------------- trained BPE
+
+SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "gra", "pel", "ost", "quin", "bre", "dun"]
+WORDS = [a + b + c for a in SYLLABLES for b in SYLLABLES for c in ("", "s", "ing", "ed")][:400]
+PROSE = [" ".join(WORDS[(i * 37 + j * j) % len(WORDS)] for j in range(30)) + f". {i} times." for i in range(300)]
+
+
+def test_trained_bpe_is_bytes_then_merges_then_the_chat_tokens():
+    spec = trained_bpe()  # 2,048 tokens learned from this repository's text
+    enc = get_tokenizer(spec)
+    assert spec["name"].startswith("bpe2048-") and enc.name == spec["name"] and enc.n_vocab == 2048
+    assert [enc.decode_single_token_bytes(b) for b in range(256)] == [bytes([b]) for b in range(256)]
+    assert [enc.encode_single_token(t) for t in SPECIAL_TOKENS] == list(range(2036, 2048))
+    text = "def forward(self, idx, targets=None):\n    return the loss"
+    ids = enc.encode_ordinary(text)
+    assert enc.decode(ids) == text and len(ids) < len(text) / 2  # it learned the repository's words
+    assert enc.decode(enc.encode_ordinary(MIXED_TEXT)) == MIXED_TEXT  # unseen characters fall back to bytes
+    literal = enc.encode_ordinary("<|think|>")
+    assert len(literal) > 1 and not set(literal) & {enc.encode_single_token(t) for t in SPECIAL_TOKENS}
+
+
+def test_trained_bpe_gives_every_digit_its_own_token():
+    enc = get_tokenizer(train_bpe(PROSE + ["1234 12345 123456 2024 1000000"] * 300, 600))
+    pieces = [enc.decode([i]) for i in enc.encode_ordinary("It costs 1234567 dollars, not 89.")]
+    digits = [p for p in pieces if any(c.isdigit() for c in p)]
+    assert digits == list("123456789")
+
+
+def test_bpe_training_is_deterministic_and_stops_when_nothing_is_left_to_merge():
+    first, second = train_bpe(iter(PROSE), 600), train_bpe(list(PROSE), 600)
+    assert first == second and len(first["tokens"]) == 600 - len(SPECIAL_TOKENS)
+    small = train_bpe(["abab"], 1000)  # two merges (ab, then abab), then nothing is left to merge
+    assert small["name"].startswith("bpe270-") and get_tokenizer(small).encode_ordinary("abab") == [257]
+    for n in (100, 511, 65537):
+        with pytest.raises(ValueError, match="512 to 65536"):
+            train_bpe(PROSE, n)
+
+
+def test_a_corrupt_trained_tokenizer_is_refused(tmp_path):
+    spec = train_bpe(PROSE, 600)
+    swapped = spec["tokens"][:]
+    swapped[300], swapped[301] = swapped[301], swapped[300]
+    for bad in (dict(spec, tokens=spec["tokens"][:-1]), dict(spec, tokens=swapped), dict(spec, pre_tokenizer="gpt-2"),
+                {"name": spec["name"]}, dict(spec, tokens=spec["tokens"][:-1] + ["not base64!"])):
+        with pytest.raises(ValueError, match="corrupt"):
+            get_tokenizer(bad)
+    (tmp_path / "bpe.json").write_text(json.dumps(spec))
+    assert read_bpe(str(tmp_path)) == spec == read_bpe(str(tmp_path / "bpe.json"))
+    (tmp_path / "bpe.json").write_text(json.dumps(spec)[:-100])
+    with pytest.raises(ValueError, match="is not a trained tokenizer"):
+        read_bpe(str(tmp_path))
+    with pytest.raises(ValueError, match="no trained tokenizer at"):
+        read_bpe(str(tmp_path / "missing.json"))

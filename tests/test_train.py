@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from device import autocast
 from data import get_batch, random_starts
 from conftest import ROOT, all_logits, run_script, tiny_model, write_checkpoint
 from model import Forge, ModelConfig
+from tokenizer import QWEN2_PATTERN
 
 # A tiny model; one thread per process keeps the runs quick on a busy 2-core machine.
 TINY = ["--n_layer=2", "--n_embd=64", "--n_head=4", "--n_kv_head=2", "--block_size=64", "--batch_size=8",
@@ -395,6 +397,32 @@ def test_init_from_loads_weights_and_trains(trained, reasoning_data, tmp_path):
     assert ckpt["optimizer"]["adamw"]["state"][0]["step"].item() == 6  # a fresh optimizer (Muon + AdamW, the default)
     assert not torch.equal(ckpt["model"]["norm.weight"], source_ckpt["model"]["norm.weight"])  # and it trained
     assert "initialized from" in stdout
+
+
+def test_a_trained_tokenizer_travels_in_the_checkpoint(trained, tmp_path):
+    """prepare.py --tokenizer bpe:N, then train.py: the checkpoint holds the whole tokenizer, so sample.py, eval.py
+    and export.py work with the data folder gone; data in another tokenizer is refused by name."""
+    data = tmp_path / "data"
+    rc, _, err = run_script("prepare.py", "--max_samples", 1500, "--tokenizer", "bpe:600", "--out_dir", data)
+    assert rc == 0, err
+    run_train("--max_iters=4", "--eval_interval=4", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}")
+    spec = json.loads((data / "bpe.json").read_text())
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["tokenizer"] == spec and ckpt["model_args"]["vocab_size"] == 640
+    rc, _, err = run_train("--max_iters=2", f"--init_from={trained[0]}/ckpt.pt", f"--data_dir={data}",
+                           f"--out_dir={tmp_path / 'mixed'}", check=False)
+    assert rc != 0 and err.strip().splitlines()[-1] == (
+        f"train.py: error: {data} holds {spec['name']} tokens but the checkpoint uses the byte tokenizer: prepare "
+        "the data with --tokenizer byte")
+    shutil.rmtree(data)
+    rc, out, err = run_script("sample.py", "--ckpt", tmp_path / "out" / "ckpt.pt", "--start", "What is 2 + 3?",
+                              "--num_samples", 1, "--max_new_tokens", 8, "--seed", 1)
+    assert rc == 0 and out.startswith("What is 2 + 3?"), err
+    rc, out, err = run_script("export.py", "--ckpt", tmp_path / "out" / "ckpt.pt", "--format", "hf",
+                              "--out_dir", tmp_path / "export")
+    tokenizer = json.loads((tmp_path / "export" / "hf" / "tokenizer.json").read_text())
+    assert rc == 0 and len(tokenizer["model"]["vocab"]) == 588 and tokenizer["pre_tokenizer"]["pretokenizers"][0][
+        "pattern"]["Regex"] == QWEN2_PATTERN, err
 
 
 def test_torchrun_two_processes_end_with_identical_weights(reasoning_data, tmp_path):
