@@ -745,6 +745,8 @@ def finish(out, writers, stats, totals, enc, args, progress):
             "command": args.command}
     if enc.name not in TOKENIZERS:
         meta["tokenizer_file"] = BPE_FILE
+    elif os.path.exists(os.path.join(out, BPE_FILE)):
+        os.remove(os.path.join(out, BPE_FILE))  # a trained tokenizer of an earlier run: not this data's
     if "reasoning" in args.datasets:
         meta["difficulty"] = asdict(args.difficulty)
     save_json(meta, meta_path)

@@ -635,6 +635,8 @@ def test_a_trained_tokenizer_is_reused_for_other_data_and_checked(tmp_path):
     main([str(tmp_path / "prose.txt"), "--tokenizer", str(tmp_path / "bytes"), "--out_dir", str(tmp_path / "more")])
     assert load_data(str(tmp_path / "more"), splits=())[0]["tokenizer"] == "byte"
     assert not (tmp_path / "more" / "bpe.json").exists()
+    main([str(tmp_path / "prose.txt"), "--tokenizer", "byte", "--out_dir", str(tmp_path / "pre")])  # prepared again
+    assert not (tmp_path / "pre" / "bpe.json").exists()  # the earlier run's tokenizer is not this data's
     # a folder whose bpe.json is not the tokenizer its bins were made with
     (tmp_path / "sft" / "bpe.json").write_text(json.dumps(train_bpe(paragraphs(50, seed=1), 600)))
     with pytest.raises(UserError, match="prepared with bpe600-.* but its bpe.json is bpe"):
