@@ -452,9 +452,10 @@ def test_gguf_chat_template_and_end_of_generation(gguf_tokenizer):
 
 # ----------------------------------------------------------------------------- pt and safetensors
 
-def test_pt_and_safetensors_round_trip(tmp_path):
-    model = tiny_model(random_norms=True, emb_rank=8)
-    ckpt = write_checkpoint(model, tmp_path / "ckpt.pt", with_optimizer=True)
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_pt_and_safetensors_round_trip(tmp_path, tokenizer):
+    model = tiny_model(random_norms=True, emb_rank=8, tokenizer=tokenizer)
+    ckpt = write_checkpoint(model, tmp_path / "ckpt.pt", tokenizer_spec(tokenizer), with_optimizer=True)
     written = export.export(ckpt, str(tmp_path / "out"), ["pt", "safetensors"])
     assert len(written) == 2
     idx = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))
@@ -463,10 +464,11 @@ def test_pt_and_safetensors_round_trip(tmp_path):
 
         from_pt, ckpt = load_checkpoint(tmp_path / "out" / "model.pt")  # weights_only=True inside
         assert set(ckpt) == {"model", "model_args", "tokenizer"}  # optimizer and resume state dropped
+        assert ckpt["tokenizer"] == tokenizer_spec(tokenizer)  # a trained one whole
         assert torch.equal(all_logits(from_pt, idx), expected)
 
-        from_st, tokenizer_name = export.load_safetensors(str(tmp_path / "out" / "model.safetensors"))
-        assert tokenizer_name == "byte" and from_st.config == model.config
+        from_st, spec = export.load_safetensors(str(tmp_path / "out" / "model.safetensors"))
+        assert spec == tokenizer_spec(tokenizer) and from_st.config == model.config
         assert torch.equal(all_logits(from_st, idx), expected)
 
 

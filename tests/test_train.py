@@ -399,9 +399,9 @@ def test_init_from_loads_weights_and_trains(trained, reasoning_data, tmp_path):
     assert "initialized from" in stdout
 
 
-def test_a_trained_tokenizer_travels_in_the_checkpoint(trained, tmp_path):
-    """prepare.py --tokenizer bpe:N, then train.py: the checkpoint holds the whole tokenizer, so sample.py, eval.py
-    and export.py work with the data folder gone; data in another tokenizer is refused by name."""
+def test_a_trained_tokenizer_travels_in_the_checkpoint(trained, reasoning_data, tmp_path):
+    """prepare.py --tokenizer bpe:N, then train.py: the checkpoint holds the whole tokenizer, so sample.py and
+    export.py work with the data folder gone; data in another tokenizer is refused by name (train.py, eval.py)."""
     data = tmp_path / "data"
     rc, _, err = run_script("prepare.py", "--max_samples", 1500, "--tokenizer", "bpe:600", "--out_dir", data)
     assert rc == 0, err
@@ -414,6 +414,14 @@ def test_a_trained_tokenizer_travels_in_the_checkpoint(trained, tmp_path):
     assert rc != 0 and err.strip().splitlines()[-1] == (
         f"train.py: error: {data} holds {spec['name']} tokens but the checkpoint uses the byte tokenizer: prepare "
         "the data with --tokenizer byte")
+    evaluate = ("eval.py", "--ckpt", tmp_path / "out" / "ckpt.pt", "--items", 1, "--max_new_tokens", 8, "--val_tokens",
+                2048, "--device", "cpu")
+    rc, out, err = run_script(*evaluate, "--data", data)
+    assert rc == 0 and "val loss" in out, err
+    rc, _, err = run_script(*evaluate, "--data", reasoning_data)
+    assert rc != 0 and err.strip().splitlines()[-1] == (
+        f"eval.py: error: {reasoning_data} holds byte tokens but the checkpoint uses the {spec['name']} tokenizer: "
+        "prepare the data with --tokenizer FOLDER (the data the model was trained on, with its bpe.json)")
     shutil.rmtree(data)
     rc, out, err = run_script("sample.py", "--ckpt", tmp_path / "out" / "ckpt.pt", "--start", "What is 2 + 3?",
                               "--num_samples", 1, "--max_new_tokens", 8, "--seed", 1)
