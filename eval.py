@@ -78,17 +78,18 @@ def val_loss(model, tokens, mask, batch_size, max_tokens):
 # ----------------------------------------------------------------------------- reasoning score
 
 
-def reasoning_score(model, enc, items, sampling, generator, batch_size=64):
-    """Answer every item twice, thinking forced on and forced off -> raw counts {task: {mode: tally}}.
-    Prompts of equal length are answered together (replies.generate_replies), batch_size at a time."""
+def reasoning_score(model, enc, items, sampling, generator, batch_size=64, modes=("on", "off", "auto")):
+    """Answer every item in each mode: thinking forced on, forced off, and auto (the model chooses) -> raw counts
+    {task: {mode: tally}}. Prompts of equal length are answered together (replies.generate_replies)."""
     tally = {}
-    for mode in ("on", "off"):
+    for mode in modes:
         prompts = [render_prompt(messages, enc, mode) for _, messages, _ in items]
         replies = generate_replies(model, enc, prompts, sampling, generator, batch_size)
         for (task, _, answer), reply in zip(items, replies):
             t = tally.setdefault(task, {}).setdefault(mode, dict.fromkeys(TALLY, 0))
             t["n"] += 1
             t["correct"] += is_correct(reply, task, answer)
+            t["thought"] += reply.thinking is not None
             t["thinking_tokens"] += reply.thinking_tokens
             t["tokens"] += len(reply.ids)
             t["seconds"] += reply.seconds
@@ -96,7 +97,7 @@ def reasoning_score(model, enc, items, sampling, generator, batch_size=64):
     return tally
 
 
-TALLY = ("n", "correct", "thinking_tokens", "tokens", "seconds", "cut_off")
+TALLY = ("n", "correct", "thought", "thinking_tokens", "tokens", "seconds", "cut_off")
 
 
 def summarize(tally):
@@ -109,27 +110,49 @@ def summarize(tally):
                 total[mode][k] += t[k]
 
     def stats(t):
-        return dict(n=t["n"], accuracy=t["correct"] / t["n"], mean_thinking_tokens=t["thinking_tokens"] / t["n"],
-                    mean_tokens=t["tokens"] / t["n"], tokens_per_s=t["tokens"] / max(t["seconds"], 1e-9),
-                    cut_off=t["cut_off"])
+        return dict(n=t["n"], accuracy=t["correct"] / t["n"], thought=t["thought"] / t["n"],
+                    mean_thinking_tokens=t["thinking_tokens"] / t["n"], mean_tokens=t["tokens"] / t["n"],
+                    tokens_per_s=t["tokens"] / max(t["seconds"], 1e-9), cut_off=t["cut_off"])
     return {task: {mode: stats(t) for mode, t in modes.items()} for task, modes in [*tally.items(), ("all", total)]}
 
 
 def score_table(summary):
-    """The table that shows what thinking buys: accuracy with thinking forced on vs off, per task."""
-    rows = [f"{'task':<8} {'n':>4}  {'think':>6}  {'no-think':>8}  {'gain':>6}  {'think tokens':>12}  "
-            f"{'tokens/s':>8}  {'cut off':>7}"]
+    """The table that shows what thinking buys: accuracy with thinking forced on vs off, per task, and what the
+    model does when it chooses (auto): its accuracy, how often it thinks, and its thinking tokens against on's."""
+    rows = [f"{'task':<8} {'n':>4}  {'think':>6}  {'no-think':>8}  {'gain':>6}  {'auto':>6}  {'thinks':>6}  "
+            f"{'think tokens (auto)':>19}  {'tokens/s':>8}  {'cut off':>7}"]
     for task, m in summary.items():
         if task == "all" and len(summary) == 2:
             continue  # one task: its row is the total
-        on, off = m["on"], m["off"]
+        on, off, auto = m["on"], m["off"], m["auto"]
+        tokens = f"{on['mean_thinking_tokens']:.1f} ({auto['mean_thinking_tokens']:.1f})"
         rows.append(f"{task:<8} {on['n']:>4}  {on['accuracy']:>6.1%}  {off['accuracy']:>8.1%}  "
-                    f"{100 * (on['accuracy'] - off['accuracy']):>+6.1f}  {on['mean_thinking_tokens']:>12.1f}  "
-                    f"{on['tokens_per_s']:>8.0f}  {on['cut_off'] + off['cut_off']:>7}")
-    cut_off = sum(m["on"]["cut_off"] + m["off"]["cut_off"] for task, m in summary.items() if task != "all")
+                    f"{100 * (on['accuracy'] - off['accuracy']):>+6.1f}  {auto['accuracy']:>6.1%}  "
+                    f"{auto['thought']:>6.0%}  {tokens:>19}  {on['tokens_per_s']:>8.0f}  "
+                    f"{sum(mode['cut_off'] for mode in m.values()):>7}")
+    cut_off = sum(mode["cut_off"] for task, m in summary.items() if task != "all" for mode in m.values())
     if cut_off:
         rows.append(f"{cut_off} replies were cut off by --max_new_tokens or the context (block_size) before they "
                     "ended; they count as wrong")
+    return "\n".join(rows)
+
+
+def budget_curve(model, enc, items, sampling, generator, batch_size, budgets):
+    """Accuracy with thinking forced on, against the thinking budget (max_thinking_tokens): what each token buys."""
+    curve = []
+    for budget in budgets:
+        summary = summarize(reasoning_score(model, enc, items, sampling | {"max_thinking_tokens": budget}, generator,
+                                            batch_size, modes=("on",)))
+        curve.append({"max_thinking_tokens": budget, **summary["all"]["on"],
+                      "tasks": {task: m["on"]["accuracy"] for task, m in summary.items() if task != "all"}})
+    return curve
+
+
+def budget_table(curve):
+    rows = [f"{'budget':>6}  {'accuracy':>8}  {'think tokens':>12}  " + "  ".join(f"{t:>6}" for t in curve[0]["tasks"])]
+    for c in curve:
+        rows.append(f"{c['max_thinking_tokens']:>6}  {c['accuracy']:>8.1%}  {c['mean_thinking_tokens']:>12.1f}  "
+                    + "  ".join(f"{a:>6.0%}" for a in c["tasks"].values()))
     return "\n".join(rows)
 
 
@@ -180,10 +203,18 @@ def main():
     parser.add_argument("--val_tokens", type=int, default=1_000_000, help="score at most this many val tokens")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass for the val loss")
     parser.add_argument("--gen_batch", type=int, default=64, help="held-out problems answered at once")
+    parser.add_argument("--thinking_budgets", default="", metavar="N,N,...",
+                        help="also score the built-in tasks, thinking on, at each of these max_thinking_tokens")
     parser.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     args = parser.parse_args()
     if args.items < 0 or min(args.val_tokens, args.batch_size, args.gen_batch) < 1:
         raise UserError("--items must be >= 0, --val_tokens, --batch_size and --gen_batch >= 1")
+    try:
+        budgets = [int(b) for b in args.thinking_budgets.split(",") if b.strip()]
+    except ValueError:
+        budgets = [-1]
+    if min(budgets, default=0) < 0:
+        raise UserError(f"--thinking_budgets must be numbers >= 0 separated by commas, not {args.thinking_budgets!r}")
     robust_stdio()
     sampling = sampling_kwargs(args)
     gsm8k = read_gsm8k(args.gsm8k, args.gsm8k_items) if args.gsm8k else None  # a bad file fails before any work
@@ -215,10 +246,16 @@ def main():
     if args.items:
         difficulty = difficulty_of(meta)
         items = list(heldout_items(args.items * len(TASKS), difficulty=difficulty))
-        print(f"\nreasoning score: {args.items} held-out problems per task, thinking forced on vs forced off")
+        print(f"\nreasoning score: {args.items} held-out problems per task, thinking forced on, forced off, and auto "
+              "(the model chooses)")
         summary = summarize(reasoning_score(model, enc, items, sampling, generator, args.gen_batch))
         report["reasoning"] = {"difficulty": asdict(difficulty), "tasks": summary}
         print(score_table(summary))
+        if budgets:
+            report["reasoning"]["budgets"] = budget_curve(model, enc, items, sampling, generator, args.gen_batch,
+                                                          budgets)
+            print("\naccuracy against the thinking budget (thinking forced on, max_thinking_tokens):")
+            print(budget_table(report["reasoning"]["budgets"]))
     if gsm8k:
         print(f"\nGSM8K: {len(gsm8k)} problems of {args.gsm8k}, scored on the final number")
         summary = summarize(reasoning_score(model, enc, gsm8k, sampling, generator, args.gen_batch))

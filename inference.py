@@ -28,16 +28,20 @@ def add_model_args(parser):
 
 
 def add_sampling_args(parser, max_new_tokens, temperature):
-    """Flags for model.generate; the defaults differ per script (eval.py decodes greedily)."""
+    """Flags for model.generate, and the thinking budget; the defaults differ per script (eval.py is greedy)."""
     parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
     parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     parser.add_argument("--top_k", type=int, default=None, help="sample only from the k most likely tokens")
     parser.add_argument("--top_p", type=float, default=None,
                         help="nucleus sampling: only the smallest set of tokens holding p of the probability")
+    parser.add_argument("--max_thinking_tokens", type=int, default=None,
+                        help="thinking budget: after this many thinking tokens the think block is closed and the "
+                             "model answers (default: no limit but max_new_tokens)")
 
 
 def sampling_kwargs(args):
-    """The generate() keyword arguments from the flags, checked (argparse cannot check ranges)."""
+    """The generate() keyword arguments and max_thinking_tokens (replies.thinking_budget) from the flags, checked
+    (argparse cannot check ranges)."""
     if args.max_new_tokens < 1:
         raise UserError("--max_new_tokens must be at least 1")
     if args.temperature < 0:
@@ -46,7 +50,10 @@ def sampling_kwargs(args):
         raise UserError("--top_k must be at least 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError("--top_p must be in (0, 1]")
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.max_thinking_tokens is not None and args.max_thinking_tokens < 0:
+        raise UserError("--max_thinking_tokens must be >= 0")
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                max_thinking_tokens=args.max_thinking_tokens)
 
 
 def checkpoint_path(args):

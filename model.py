@@ -91,8 +91,7 @@ class KVCache:
         """Store this step's k, v (B, n_kv_head, T, head_dim); return all keys and values so far."""
         k_all, v_all = self.layers[layer]
         end = self.pos + k.size(2)
-        k_all[:, :, self.pos:end] = k
-        v_all[:, :, self.pos:end] = v
+        k_all[:, :, self.pos:end], v_all[:, :, self.pos:end] = k, v
         return k_all[:, :, :end], v_all[:, :, :end]
 
 
@@ -237,13 +236,13 @@ class Forge(nn.Module):
 
     @torch.inference_mode()  # no_grad without autograd's version counters: faster small-model decoding
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
-                 generator=None):
-        """Decode B prompts of equal length together, (B, T) ids ([prompt] for one), yielding after every step
-        {row: new token id} for the rows still generating. The prompts fill the KV cache once; each later step
-        feeds only the newest tokens. A row stops after a token in stop_ids (yielded: the caller sees why), after
-        max_new_tokens, or at a full context window (block_size: chat.py drops old turns rather than re-encode a
-        sliding one), and leaves the batch with its cache rows. Rows need no padding: G copies of one prompt (a
-        GRPO group), or prompts grouped by length (replies.generate_replies)."""
+                 generator=None, force=None):
+        """Decode B prompts of equal length together, (B, T) ids ([prompt] for one), yielding after every step {row:
+        new token id} for the rows still generating. The prompts fill the KV cache once; each later step feeds only
+        the newest tokens. A row stops after a token in stop_ids (yielded: the caller sees why), after max_new_tokens
+        or at a full context window (block_size), and leaves the batch with its cache rows. Rows need no padding: G
+        copies of one prompt (a GRPO group), or prompts grouped by length (replies.py). force(rows, tokens) may change
+        the tokens sampled for rows, the caller's row numbers (replies.py closes a think block out of budget)."""
         idx = torch.as_tensor(prompts, dtype=torch.long, device=self.device)
         B, T = idx.shape
         max_len = min(self.config.block_size, T + max_new_tokens)
@@ -257,6 +256,8 @@ class Forge(nn.Module):
             logits, _ = self(idx, cache=cache)
             next_ids = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)
             tokens = next_ids.tolist()  # one device sync per step
+            if force and (forced := force(live, tokens)) != tokens:
+                tokens, next_ids = forced, torch.tensor(forced, device=idx.device)
             yield dict(zip(live, tokens))
             keep = [i for i, token in enumerate(tokens) if token not in stop_ids]
             if not keep:

@@ -29,8 +29,9 @@ class Reply:
 
 def generate_replies(model, enc, prompts, sampling, generator=None, batch_size=64, on_text=None, should_stop=None,
                      interruptible=False):
-    """The assistant's turns for prompts (from render_prompt) -> [Reply]: the one place replies are made. Prompts
-    of equal length share a batch of model.generate, up to batch_size rows; a reply's seconds are its batch's
+    """The assistant's turns for prompts (from render_prompt) -> [Reply]: the one place replies are made. sampling is
+    model.generate's keyword arguments plus max_thinking_tokens (thinking_budget). Prompts of equal length share a
+    batch of model.generate, up to batch_size rows; a reply's seconds are its batch's
     time shared by its rows. on_text(reply, text) gets printable text as it arrives, reply.part telling thinking
     from answer (chat.py and serve.py stream a batch of one). should_stop(reply), asked after every token, ends
     a reply when it returns a finish reason (serve.py: a stop string, a client that left, the time limit). With
@@ -61,9 +62,11 @@ def reply_batch(model, enc, prompts, sampling, generator, on_text, should_stop, 
     replies = [Reply(part="thinking" if f[-1:] == [sp["<|think|>"]] else "answer") for f in forced]
     streams = [TextStream(enc) for _ in prompts]
     live = set(range(len(prompts)))
+    kwargs = {k: v for k, v in sampling.items() if k != "max_thinking_tokens"}
+    force = thinking_budget(replies, sampling.get("max_thinking_tokens"), enc)
     t0 = time.perf_counter()
     try:
-        for step in model.generate(prompts, **sampling, stop_ids=stop_ids, generator=generator):
+        for step in model.generate(prompts, **kwargs, stop_ids=stop_ids, generator=generator, force=force):
             for row, token_id in step.items():
                 if row in live and add_token(replies[row], streams[row], token_id, sp, stop_ids, on_text, should_stop):
                     live.discard(row)
@@ -105,6 +108,19 @@ def add_token(reply, stream, token_id, sp, stop_ids, on_text, should_stop):
         reply.finish = finish
         return True
     return False
+
+
+def thinking_budget(replies, max_thinking_tokens, enc):
+    """model.generate's force for a thinking budget (Qwen3's): a row whose think block holds max_thinking_tokens
+    tokens gets <|/think|> next instead of a sampled token, and the model answers. None: no budget."""
+    if max_thinking_tokens is None:
+        return None
+    close = special_ids(enc)["<|/think|>"]
+
+    def force(rows, tokens):
+        return [close if replies[row].part == "thinking" and replies[row].thinking_tokens >= max_thinking_tokens
+                else token for row, token in zip(rows, tokens)]
+    return force
 
 
 def forced_reply_start(prompt, enc):

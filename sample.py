@@ -15,7 +15,8 @@ import time
 
 from common import UserError, robust_stdio, run_main
 from inference import add_model_args, add_sampling_args, load_model, make_generator, sampling_kwargs
-from tokenizer import TextStream
+from replies import Reply, add_token, thinking_budget
+from tokenizer import TextStream, special_ids
 
 
 def read_start(start):
@@ -43,19 +44,26 @@ def main():
     prompt = [enc.encode_single_token("<|bos|>")] + enc.encode_ordinary(start)
     if len(prompt) >= model.config.block_size:
         raise UserError(f"the start text is {len(prompt)} tokens; the model's context holds {model.config.block_size}")
-    stop_ids = {enc.encode_single_token("<|eos|>")}  # the end of a document
+    sp = special_ids(enc)
+    stop_ids = {sp["<|eos|>"]}  # the end of a document
     generator = make_generator(model, args.seed)
+    budget = sampling.pop("max_thinking_tokens")
+
+    def write(reply, text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
     n_tokens, t0 = 0, time.perf_counter()
     try:
         for _ in range(args.num_samples):
-            stream = TextStream(enc, show_special=True)
+            reply, stream = Reply(), TextStream(enc, show_special=True)  # the reply tracks thinking for the budget
             sys.stdout.write(start)
-            for step in model.generate([prompt], **sampling, stop_ids=stop_ids, generator=generator):
+            for step in model.generate([prompt], **sampling, stop_ids=stop_ids, generator=generator,
+                                       force=thinking_budget([reply], budget, enc)):
                 n_tokens += 1
-                sys.stdout.write(stream(step[0]))
-                sys.stdout.flush()
-            print(stream.flush() + "\n---------------", flush=True)
+                add_token(reply, stream, step[0], sp, stop_ids, write, None)
+            end = stream(reply.ids[-1]) if reply.finish == "stop" else ""  # <|eos|>, by name
+            print(end + stream.flush() + "\n---------------", flush=True)
     except KeyboardInterrupt:
         print(flush=True)
     dt = time.perf_counter() - t0

@@ -49,6 +49,7 @@ MAX_STOPS = 4       # as OpenAI's API
 MAX_WAITING = 64    # requests queued for the model past this are turned away (503) instead of piling up
 SOCKET_TIMEOUT = 30  # seconds a client may stall mid-request (or idle between requests on a kept-alive connection)
 REASONING = ("auto", "on", "off")
+REASONING_EFFORT = {"low": 64, "medium": 256, "high": None}  # OpenAI's reasoning_effort -> max_thinking_tokens
 
 
 class ApiError(Exception):
@@ -75,7 +76,7 @@ def short(value):
 class Request:
     messages: list       # {role, content[, thinking]}: the chat format's messages (tokenizer.render_prompt)
     reasoning: str
-    sampling: dict       # model.generate's keyword arguments
+    sampling: dict       # model.generate's keyword arguments and max_thinking_tokens (replies.generate_replies)
     seed: "int | None"
     stops: list
     stream: bool
@@ -105,7 +106,8 @@ def parse_request(body, defaults, block_size):
         max_new_tokens=number(max_tokens, "max_tokens", defaults["max_new_tokens"], 1, block_size, integer=True),
         temperature=number(body.get("temperature"), "temperature", defaults["temperature"], 0, 2),
         top_p=number(body.get("top_p"), "top_p", defaults["top_p"], 0, 1, above_low=True),
-        top_k=number(body.get("top_k"), "top_k", defaults["top_k"], 1, None, integer=True))
+        top_k=number(body.get("top_k"), "top_k", defaults["top_k"], 1, None, integer=True),
+        max_thinking_tokens=thinking_budget_of(body, defaults, block_size))
     seed = number(body.get("seed"), "seed", None, -2 ** 63, 2 ** 64 - 1, integer=True)  # torch's seed range
     stops = body.get("stop")
     stops = [] if stops is None else [stops] if isinstance(stops, str) else stops
@@ -118,6 +120,16 @@ def parse_request(body, defaults, block_size):
         raise ApiError(400, "stream_options must be an object such as {\"include_usage\": true}", "stream_options")
     return Request(parse_messages(body.get("messages")), reasoning, sampling, seed, stops, stream,
                    options.get("include_usage", False))
+
+
+def thinking_budget_of(body, defaults, block_size):
+    """max_thinking_tokens, else OpenAI's reasoning_effort as a budget, else the server's --max_thinking_tokens."""
+    effort = body.get("reasoning_effort")
+    if effort is not None and effort not in REASONING_EFFORT:
+        raise ApiError(400, f"reasoning_effort must be one of {', '.join(REASONING_EFFORT)}, not {short(effort)}",
+                       "reasoning_effort")
+    default = REASONING_EFFORT[effort] if effort else defaults["max_thinking_tokens"]
+    return number(body.get("max_thinking_tokens"), "max_thinking_tokens", default, 0, block_size, integer=True)
 
 
 def number(value, name, default, low, high, integer=False, above_low=False):

@@ -98,7 +98,8 @@ def text_ids(s):
 class ScriptedModel:
     """Stands in for Forge: generate() replays a fixed list of token ids (or script(prompt)'s) for each prompt
     and, like Forge.generate, yields {row: token} per step, a row ending after a stop id (yielded) or when its
-    script runs out. With interrupt_after=k it raises KeyboardInterrupt after k steps (a Ctrl-C)."""
+    script runs out; force(rows, tokens) replaces the scripted tokens it changes (the script goes on after them).
+    With interrupt_after=k it raises KeyboardInterrupt after k steps (a Ctrl-C)."""
     device = torch.device("cpu")
 
     def __init__(self, script, block_size=256, interrupt_after=None):
@@ -106,7 +107,8 @@ class ScriptedModel:
         self.config = SimpleNamespace(block_size=block_size)
         self.prompts = []
 
-    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(), generator=None):
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(), generator=None,
+                 force=None):
         scripts = {}
         for row, prompt in enumerate(prompts):
             self.prompts.append(list(prompt))
@@ -117,6 +119,8 @@ class ScriptedModel:
             step = {row: token for row, it in scripts.items() if (token := next(it, None)) is not None}
             if not step:
                 return
+            if force:
+                step = dict(zip(step, force(list(step), list(step.values()))))
             yield step
             scripts = {row: it for row, it in scripts.items() if row in step and step[row] not in stop_ids}
 

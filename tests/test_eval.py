@@ -13,7 +13,7 @@ from checkpoints import load_checkpoint
 from common import UserError
 from conftest import BYTE, SP, ScriptedModel, all_logits, run_script, text_ids, tiny_model
 from data import load_data, read_gsm8k
-from eval import reasoning_score, summarize, val_loss
+from eval import budget_curve, reasoning_score, summarize, val_loss
 from replies import generate_replies, is_correct
 from tasks import TASKS, check_answer, difficulty_of, final_number, heldout_items
 from tokenizer import render_prompt
@@ -69,17 +69,21 @@ def test_val_loss_matches_a_per_token_reference(tmp_path):
 
 
 def oracle(prompt):
-    """Answers correctly after thinking, wrongly without: what the reasoning score must reveal."""
+    """Answers correctly after thinking, wrongly without: what the reasoning score must reveal. Left to choose
+    (reasoning auto), it thinks on every task but max."""
     question = BYTE.decode(prompt[prompt.index(SP["<|user|>"]) + 1:prompt.index(SP["<|/user|>"])])
     answer = ANSWERS[question]
+    thinking = text_ids("step by step") + [SP["<|/think|>"], SP["<|assistant|>"]] + text_ids(answer)
     if prompt[-1] == SP["<|think|>"]:
-        thinking = text_ids("step by step") + [SP["<|/think|>"], SP["<|assistant|>"]]
-        return thinking + text_ids(answer) + [SP["<|/assistant|>"]]
+        return thinking + [SP["<|/assistant|>"]]
+    if prompt[-1] == SP["<|/user|>"] and dict(ITEMS_BY_QUESTION)[question] != "max":
+        return [SP["<|think|>"]] + thinking + [SP["<|/assistant|>"]]
     return text_ids(answer + "7") + [SP["<|/assistant|>"]]
 
 
 ITEMS = list(heldout_items(2 * len(TASKS)))
 ANSWERS = {messages[-1]["content"]: answer for _, messages, answer in ITEMS}
+ITEMS_BY_QUESTION = [(messages[-1]["content"], task) for task, messages, _ in ITEMS]
 
 
 def test_reasoning_score_shows_what_thinking_buys():
@@ -93,6 +97,22 @@ def test_reasoning_score_shows_what_thinking_buys():
         assert summary[task]["on"]["mean_thinking_tokens"] == len(text_ids("step by step"))
         assert summary[task]["off"]["mean_thinking_tokens"] == 0 and summary[task]["on"]["cut_off"] == 0
     assert summary["all"]["on"]["n"] == 2 * len(TASKS) and summary["all"]["on"]["accuracy"] == 1.0
+    # auto: what the model chose, and what that got it
+    for task in TASKS:
+        assert summary[task]["auto"]["thought"] == summary[task]["auto"]["accuracy"] == (task != "max")
+        assert summary[task]["auto"]["mean_thinking_tokens"] == (task != "max") * len(text_ids("step by step"))
+    assert summary["all"]["auto"]["thought"] == pytest.approx(1 - 1 / len(TASKS))
+
+
+def test_accuracy_against_the_thinking_budget():
+    """A budget under the oracle's 12 thinking tokens cuts its thinking there (the think block closed, the rest of
+    its script read as the answer: wrong); 12 or more leaves it whole."""
+    greedy = dict(max_new_tokens=50, temperature=0.0, top_k=None, top_p=None)
+    curve = budget_curve(ScriptedModel(oracle), BYTE, ITEMS, greedy, None, 64, [0, 3, 12, 100])
+    assert [c["max_thinking_tokens"] for c in curve] == [0, 3, 12, 100]
+    assert [c["accuracy"] for c in curve] == [0.0, 0.0, 1.0, 1.0]
+    assert [c["mean_thinking_tokens"] for c in curve] == [0, 3, 12, 12]
+    assert list(curve[0]["tasks"]) == TASKS
 
 
 @pytest.fixture(scope="session")

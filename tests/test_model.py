@@ -108,6 +108,22 @@ def test_kv_cache_decoding_matches_full_recomputation(emb_rank):
     assert greedy_ids(model, prompt, 70) == ref_ids
 
 
+def test_forced_tokens_are_yielded_and_decoding_goes_on_from_them():
+    """force(rows, tokens) replaces what a row sampled (a thinking budget closing a think block): the forced token
+    is the one yielded and fed back, so what follows is the greedy continuation of the prompt and it."""
+    model = varied_model(n_layer=2)
+    prompt = [7, 3, 99, 12, 5]
+    free = greedy_ids(model, prompt, 12)
+    steps = []
+
+    def force(rows, tokens):  # the 4th token of row 0 becomes 42
+        steps.append(rows)
+        return [42 if len(steps) == 4 else t for t in tokens]
+    forced = greedy_ids(model, prompt, 12, force=force)
+    assert free[3] != 42 and forced[:4] == free[:3] + [42] and steps[0] == [0]
+    assert forced[4:] == greedy_ids(model, prompt + forced[:4], 8)
+
+
 def test_kv_cache_holds_only_kv_heads():
     cfg = tiny_config(n_head=4, n_kv_head=1)
     cache = KVCache(cfg, 1, 50, "cpu", torch.float32)

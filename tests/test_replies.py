@@ -34,3 +34,28 @@ def test_a_cut_off_reply_is_wrong_whatever_its_text():
     assert not is_correct(ended, "add", "43")
     unfinished = generate_reply(ScriptedModel(text_ids("40+2=42")), BYTE, prompt, sampling)  # never left its thinking
     assert unfinished.thinking == "40+2=42" and unfinished.answer == "" and not is_correct(unfinished, "add", "42")
+
+
+def test_a_thinking_budget_closes_the_think_block_and_the_model_answers():
+    """max_thinking_tokens=k: after k thinking tokens <|/think|> is forced in place of the next one (Qwen3's budget),
+    per row of a batch; a think block shorter than the budget is left alone."""
+    prompt = render_prompt([{"role": "user", "content": "What is 40 + 2?"}], BYTE, "on")
+    script = text_ids("40+2=42 done") + [SP["<|/think|>"], SP["<|assistant|>"]] + text_ids("42") + \
+        [SP["<|/assistant|>"]]
+    sampling = dict(max_new_tokens=40, temperature=0.0)
+    whole = generate_reply(ScriptedModel(script), BYTE, prompt, sampling | {"max_thinking_tokens": 12})
+    assert whole.thinking == "40+2=42 done" and whole.answer == "42" and whole.thinking_tokens == 12
+    cut = generate_reply(ScriptedModel(script), BYTE, prompt, sampling | {"max_thinking_tokens": 4})
+    assert cut.ids[:5] == text_ids("40+2") + [SP["<|/think|>"]] and cut.thinking == "40+2"
+    assert cut.thinking_tokens == 4 and cut.part == "answer"
+    # a batch: each row's budget is its own, and a row under its budget is left alone
+    short = text_ids("42") + [SP["<|/think|>"], SP["<|assistant|>"]] + text_ids("43") + [SP["<|/assistant|>"]]
+    other = render_prompt([{"role": "user", "content": "What is 41 + 2?"}], BYTE, "on")
+    replies = generate_replies(ScriptedModel(lambda p: script if p == prompt else short), BYTE, [prompt, other],
+                               sampling | {"max_thinking_tokens": 3})
+    assert (replies[0].thinking, replies[0].thinking_tokens) == ("40+", 3)
+    assert (replies[1].thinking, replies[1].answer, replies[1].thinking_tokens) == ("42", "43", 2)
+    direct = [SP["<|no_think|>"], SP["<|assistant|>"]] + text_ids("42") + [SP["<|/assistant|>"]]
+    auto = render_prompt([{"role": "user", "content": "What is 40 + 2?"}], BYTE, "auto")
+    chose = generate_reply(ScriptedModel(direct), BYTE, auto, sampling | {"max_thinking_tokens": 0})
+    assert chose.thinking is None and chose.answer == "42"  # no think block: nothing to close

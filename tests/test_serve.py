@@ -72,7 +72,7 @@ def by_reasoning(prompt):
 @contextlib.contextmanager
 def scripted_server(model, timeout=30, api_key=None):
     """serve.py's server in this process, on a free port, for a scripted model."""
-    defaults = dict(max_new_tokens=200, temperature=0.0, top_k=None, top_p=None)
+    defaults = dict(max_new_tokens=200, temperature=0.0, top_k=None, top_p=None, max_thinking_tokens=None)
     engine = serve.Engine(model, BYTE, "scripted", defaults, seed=0, timeout=timeout)
     server = serve.make_server(engine, "127.0.0.1", 0, api_key)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -214,6 +214,18 @@ def test_reasoning_content_is_the_thinking_and_reasoning_switches_it():
         assert complete(srv.url, extra_body={"reasoning": "off"})[:2] == ("42", None)
 
 
+def test_a_thinking_budget_from_max_thinking_tokens_or_reasoning_effort():
+    with scripted_server(Scripted(lambda prompt: itertools.cycle(text_ids("hm ")))) as srv:
+        for stream in (False, True):
+            for extra, budget in (({"max_thinking_tokens": 5}, 5), ({"reasoning_effort": "low"}, 64),
+                                  ({"reasoning_effort": "high"}, None)):
+                _, thinking, finish, usage = complete(srv.url, stream, max_tokens=100,
+                                                      extra_body={"reasoning": "on"} | extra)
+                spent = usage["completion_tokens_details"]["reasoning_tokens"]
+                assert finish == "length" and spent == (budget or 100), extra
+                assert thinking == ("hm " * 40)[:budget or 100].strip()
+
+
 def test_earlier_thinking_is_rendered_back_into_the_history():
     with scripted_server(Scripted(by_reasoning)) as srv:
         history = [*USER, {"role": "assistant", "content": "42", "reasoning_content": THINKING},
@@ -288,6 +300,8 @@ HOSTILE = {
     "top_k 0": (body(top_k=0), 400),
     "seed a string": (body(seed="x"), 400),
     "unknown reasoning": (body(reasoning="maybe"), 400),
+    "unknown reasoning_effort": (body(reasoning_effort="extreme"), 400),
+    "max_thinking_tokens negative": (body(max_thinking_tokens=-1), 400),
     "five stop strings": (body(stop=list("abcde")), 400),
     "an empty stop string": (body(stop=[""]), 400),
     "stream a string": (body(stream="yes"), 400),
