@@ -299,7 +299,8 @@ def main(argv):
     device_type = device.split(":")[0]
     amp = amp_dtype(device_type, cfg.dtype)
     ctx = autocast(device_type, amp)
-    enc = load_tokenizer(ckpt.get("tokenizer", "byte"))
+    tokenizer = ckpt.get("tokenizer", "byte")  # a trained one's whole dict: it goes into rl.py's checkpoints too
+    enc = load_tokenizer(tokenizer)
     if "<|think|>" not in enc.special_tokens_set or ckpt["model_args"]["vocab_size"] < enc.n_vocab:
         raise UserError(f"the checkpoint's tokenizer ({enc.name}, vocab {ckpt['model_args']['vocab_size']}) has no "
                         "think tokens: RL needs a model trained on the chat format (prepare.py, train.py)")
@@ -326,7 +327,7 @@ def main(argv):
     del ckpt
 
     def save(name):
-        save_run(os.path.join(cfg.out_dir, name), model, asdict(model.config), enc.name, config, optimizer, scaler,
+        save_run(os.path.join(cfg.out_dir, name), model, asdict(model.config), tokenizer, config, optimizer, scaler,
                  iter_num, init_from=init_from, best_accuracy=best_accuracy, pass_rates=problems.pass_rate)
 
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), iter_num if cfg.resume else None)

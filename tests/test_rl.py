@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import rl
-from conftest import BYTE, ROOT, SP, ScriptedModel, all_logits, text_ids, tiny_model, write_checkpoint
+from conftest import (BYTE, ROOT, SP, ScriptedModel, all_logits, text_ids, tiny_model, tokenizer_spec,
+                      write_checkpoint)
 from replies import generate_reply
 from tokenizer import render_prompt
 
@@ -147,6 +148,13 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, monk
     assert {m["iter"] for m in metrics if "heldout_accuracy" in m} == {0, 2, 4}
     assert all(0 <= m["zero_variance_share"] <= 1 and m["sampling_tokens_per_s"] > 0 and m["sft_loss"] > 0
                and 0 <= m["greedy_wrong_share"] <= 1 for m in metrics if "reward" in m)
+
+
+def test_a_trained_tokenizer_stays_whole_in_rl_checkpoints(tmp_path):
+    init = write_checkpoint(tiny_model(tokenizer="bpe"), tmp_path / "init.pt", tokenizer_spec("bpe"))
+    rl.main([f"--init_from={init}", f"--out_dir={tmp_path}/rl", *ARGS, "--max_iters=1"])
+    for name in ("ckpt.pt", "best.pt"):
+        assert torch.load(tmp_path / "rl" / name, weights_only=True)["tokenizer"] == tokenizer_spec("bpe")
 
 
 def test_sft_coef_mixes_in_the_supervised_loss(tmp_path, monkeypatch, reasoning_data):
