@@ -61,17 +61,18 @@ def load_data(data_dir, splits=("train", "val"), documents=False):
         if not os.path.isfile(path):
             raise UserError(f"{path} is missing: {fix} again")
         tokens = TokenFile(path, np.uint16)
-        mask, index = (TokenFile(p, dtype) if os.path.isfile(p) else None for p, dtype in
-                       ((os.path.join(data_dir, f"{split}_mask.bin"), np.uint8),
-                        (os.path.join(data_dir, f"{split}_index.bin"), np.uint64)))
+        mask_path, index_path = (os.path.join(data_dir, f"{split}{end}") for end in ("_mask.bin", "_index.bin"))
+        mask = TokenFile(mask_path, np.uint8) if os.path.isfile(mask_path) else None
         if mask is not None and len(mask) != len(tokens):
             raise UserError(f"{mask.path} has {len(mask)} entries for {len(tokens)} tokens: {fix} again")
-        if documents and index is None:
-            raise UserError(f"{split}_index.bin is missing in {data_dir} (prepared before prepare.py indexed "
-                            f"documents): {fix} again, or use windows=random")
-        if index is not None and len(index) != meta.get(split, {}).get("documents", len(index)):
-            raise UserError(f"{index.path} has {len(index)} documents, meta.json says otherwise: {fix} again")
-        index = index if documents else None
+        index = None
+        if documents:  # read only when used
+            if not os.path.isfile(index_path):
+                raise UserError(f"{split}_index.bin is missing in {data_dir} (prepared before prepare.py indexed "
+                                f"documents): {fix} again, or use windows=random")
+            index = TokenFile(index_path, np.uint64)
+            if len(index) != meta.get(split, {}).get("documents", len(index)):
+                raise UserError(f"{index.path} has {len(index)} documents, meta.json says otherwise: {fix} again")
         bins[split] = (tokens, mask, index)
     return meta, bins
 

@@ -82,6 +82,8 @@ grad_clip = 1.0
 grad_checkpoint = False    # recompute activations in backward: less memory for long replies on small GPUs
 sft_coef = 0.3             # > 0: also learn this times the supervised loss on a batch of data_dir's training data
 sft_batch_size = 32        # windows of the init checkpoint's block_size per step for that loss
+micro_batch = 8            # rows (replies, or sft windows) per forward and backward pass of the update: memory
+                           # grows with it, the gradient does not change
 # system
 device = "auto"
 dtype = "auto"             # as train.py: auto | float32 | bfloat16 | float16
@@ -109,8 +111,8 @@ def settings(argv):
         raise UserError("group_size must be at least 2: the baseline of a reply is its group's mean reward")
     if not 0 < cfg.top_p <= 1 or cfg.top_k < 0 or cfg.temperature <= 0 or cfg.learning_rate < 0 or cfg.muon_lr < 0:
         raise UserError("temperature must be > 0, top_p in (0, 1], top_k >= 0, learning_rate and muon_lr >= 0")
-    if cfg.sft_coef < 0 or cfg.sft_batch_size < 1:
-        raise UserError("sft_coef must be >= 0 and sft_batch_size at least 1")
+    if cfg.sft_coef < 0 or min(cfg.sft_batch_size, cfg.micro_batch) < 1:
+        raise UserError("sft_coef must be >= 0, sft_batch_size and micro_batch at least 1")
     if cfg.sft_coef and not cfg.data_dir:
         raise UserError("sft_coef > 0 mixes in the supervised loss on prepared data, and the init checkpoint names "
                         "no data_dir: pass --data_dir=DIR (or --sft_coef=0)")
@@ -238,8 +240,9 @@ def get_lr(cfg, it):
     return cfg.min_lr + (1 - progress) * (cfg.learning_rate - cfg.min_lr)
 
 
-def policy_gradient(model, batch, groups, constant, scaler, ctx):
-    """Backward the policy loss of every group whose rewards differ -> ({task: rewards}, loss, groups skipped).
+def policy_gradient(model, batch, groups, constant, scaler, ctx, micro_batch):
+    """Backward the policy loss of every group whose rewards differ, micro_batch replies at a time (the loss is a
+    sum over replies: the same gradient) -> ({task: rewards}, loss, groups skipped).
     One on-policy update: the replies were sampled by exactly these weights, so the importance ratio of PPO/GRPO
     is 1 and there is nothing to clip; and since the policy moves once per batch, by a small learning rate, from
     a model that already answers well, no KL penalty to a reference is needed."""
@@ -251,22 +254,34 @@ def policy_gradient(model, batch, groups, constant, scaler, ctx):
         if all(r == mean for r in rewards):  # no advantage anywhere: nothing to learn
             flat += 1
             continue
-        loss = policy_loss(model, prompt, [r.ids for r in replies], [r - mean for r in rewards], constant, ctx)
-        scaler.scale(loss).backward()
-        loss_total += loss.item()
+        for i in range(0, len(replies), micro_batch):
+            rows = slice(i, i + micro_batch)
+            loss = policy_loss(model, prompt, [r.ids for r in replies[rows]], [r - mean for r in rewards[rows]],
+                               constant, ctx)
+            scaler.scale(loss).backward()
+            loss_total += loss.item()
     return task_rewards, loss_total, flat
 
 
 def supervised_mixin(model, bins, cfg, iter_num, scaler, ctx):
-    """Backward sft_coef x train.py's loss on sft_batch_size windows of the training data -> {"sft_loss": loss}."""
+    """Backward sft_coef x train.py's loss on sft_batch_size windows of the training data, micro_batch windows at a
+    time, each weighted by its share of the scored tokens (the mean over all of them: the same gradient)
+    -> {"sft_loss": loss}."""
     tokens, mask, _ = bins["train"]
     T = model.config.block_size
     starts = random_starts(tokens, cfg.sft_batch_size, T, torch.Generator().manual_seed(cfg.seed + iter_num))
-    x, y = to_device(get_batch(tokens, mask, starts, T), str(model.device))
-    with ctx:
-        _, sft_loss = model(x, y)
-    scaler.scale(cfg.sft_coef * sft_loss).backward()
-    return {"sft_loss": sft_loss.item()}
+    x, y = get_batch(tokens, mask, starts, T)
+    scored, sft_loss = int((y != -1).sum()), 0.0
+    for i in range(0, len(starts), cfg.micro_batch):
+        xb, yb = to_device((x[i:i + cfg.micro_batch], y[i:i + cfg.micro_batch]), str(model.device))
+        share = int((yb != -1).sum()) / max(scored, 1)
+        if share == 0:
+            continue  # prompt tokens only: nothing to learn here (and its mean loss is nan)
+        with ctx:
+            _, loss = model(xb, yb)
+        scaler.scale(cfg.sft_coef * share * loss).backward()
+        sft_loss += share * loss.item()
+    return {"sft_loss": sft_loss}
 
 
 def report_heldout(log, iter_num, accuracy, thinking):
@@ -363,7 +378,7 @@ def main(argv):
         t_sample = time.perf_counter()
         groups = sample_groups(model, enc, batch, cfg, sample_ctx, generator)
         sample_seconds = time.perf_counter() - t_sample
-        task_rewards, loss, flat = policy_gradient(model, batch, groups, constant, scaler, ctx)
+        task_rewards, loss, flat = policy_gradient(model, batch, groups, constant, scaler, ctx, cfg.micro_batch)
         problems.update(task_rewards)
         sft = supervised_mixin(model, bins, cfg, iter_num, scaler, ctx) if cfg.sft_coef else {}
         grad_norm = float(clip_gradients(model, optimizer, scaler, cfg.grad_clip))

@@ -366,7 +366,13 @@ def test_llama_cpp_chats_in_our_format_and_stops_at_end_of_turn(trained_gguf):
             reply = llm.call(llama_cpp_chat_reply, messages, budget)
             if ours[-1] in specials - {end_of_turn}:
                 continue  # a weak model opening a turn of its own: chat.py stops there, llama.cpp does not
-            assert reply["message"]["content"] == enc.decode([t for t in ours if t not in specials])
+            # llama-cpp-python drops bytes that are not UTF-8 (a byte token of a half-written character) where
+            # tiktoken writes U+FFFD; a reply cut by length may end inside a character, which it completes or drops
+            text = enc.decode_bytes([t for t in ours if t not in specials]).decode("utf-8", errors="ignore")
+            if ours[-1] == end_of_turn:
+                assert reply["message"]["content"] == text
+            else:
+                assert reply["message"]["content"].startswith(text[:-1])
             assert reply["finish_reason"] == ("stop" if ours[-1] == end_of_turn else "length")
             ended += ours[-1] == end_of_turn
     assert ended  # the trained model ends its turns, and llama.cpp stops there

@@ -85,6 +85,32 @@ def test_policy_loss_scores_only_reply_tokens():
     assert loss.item() == pytest.approx(-logp.sum().item(), rel=1e-5)
 
 
+def test_micro_batches_give_the_same_gradient(reasoning_data, monkeypatch):
+    """The update in micro_batch rows at a time (the memory bound) has the gradient of the whole batch at once:
+    the policy loss of a group of replies, and the supervised mix-in's mean over all scored tokens."""
+    from data import load_data
+    _, bins = load_data(reasoning_data, splits=("train",))
+    ctx = torch.autocast("cpu", enabled=False)
+    prompt = text_ids("Q?")
+    replies = [SimpleNamespace(ids=text_ids("ab" * k) + [END]) for k in range(1, 8)]
+    item, group = ("add", [], "2"), (prompt, replies)
+    grads = []
+    for micro in (1, 3, 100):
+        model = tiny_model(seed=3).train()
+        monkeypatch.setattr(rl, "reward", lambda reply, task, answer: float(len(reply.ids) % 4 == 1))
+        rl.policy_gradient(model, [item], [group], 10.0, FakeScaler(), ctx, micro)
+        cfg = SimpleNamespace(sft_batch_size=5, micro_batch=micro, seed=0, sft_coef=0.5)
+        sft = rl.supervised_mixin(model, bins, cfg, 0, FakeScaler(), ctx)
+        grads.append((torch.cat([p.grad.flatten() for p in model.parameters()]), sft["sft_loss"]))
+    for grad, loss in grads[:2]:
+        assert torch.allclose(grad, grads[2][0], rtol=1e-4, atol=1e-6) and loss == pytest.approx(grads[2][1])
+
+
+class FakeScaler:
+    def scale(self, loss):
+        return loss
+
+
 class Scripted(ScriptedModel):
     """A ScriptedModel with the train/eval switches rl.py calls."""
     def eval(self):
@@ -258,7 +284,8 @@ def test_gsm8k_presets_hold_out_the_test_split(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda path, config, split, **kw: datasets.Dataset.from_list(
         splits[split]).to_iterable_dataset())
     sft_config = open(os.path.join(ROOT, "config", "sft_chat.py")).read()
-    command = shlex.split(re.search(r"python prepare.py (.*)", sft_config).group(1))
+    found = re.search(r"python prepare.py ((?:.*\\\n#\s*)*.*)", sft_config).group(1)  # with its continued lines
+    command = shlex.split(re.sub(r"\\\n#\s*", " ", found))
     assert "gsm8k" in command
     flags = command[command.index("--max_samples"):]
     prepare.main(["gsm8k", *flags[:flags.index("--out_dir")], "--tokenizer", "byte", "--val_fraction", "0.2",
