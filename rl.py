@@ -9,9 +9,9 @@ check out are rewarded, and the policy is pushed toward them (GRPO-style: a grou
 
 Every step draws problems_per_step problems from the training side of tasks.py (never the held-out problems
 eval.py scores), more often from the tasks the model fails most, and first those it answers wrong greedily
-(of screen times as many candidates); samples group_size replies to each with thinking forced on; rewards a
-reply 1 when the answer after <|/think|> checks out and 0 otherwise (wrong, cut off, or no answer after the
-thinking); and takes one optimizer step on
+(of screen times as many candidates); samples group_size replies to each with thinking forced on (reasoning="auto":
+the model chooses); rewards a reply 1 when the answer after <|/think|> checks out and 0 otherwise (wrong, cut off,
+or no answer after the thinking), less think_cost per max_new_tokens thinking tokens; and takes one optimizer step on
 
     loss = -sum over replies and their tokens of (reward - mean reward of its group) * log p(token) / constant
 
@@ -63,6 +63,9 @@ max_iters = 60
 problems_per_step = 8
 group_size = 16            # replies per problem: the baseline is their mean; 16 finds a right one where few are
 max_new_tokens = 192
+reasoning = "on"           # the replies' mode (sampled, screened, evaluated): "on" forces a think block; "auto" lets
+                           # the model choose, and with think_cost it learns when thinking pays (adaptive thinking)
+think_cost = 0.0           # reward = correct - think_cost * thinking tokens / max_new_tokens (AdaptThink, L1)
 temperature = 1.0          # sampling temperature of the replies (exploration)
 top_k = 0                  # 0: no top-k filter
 top_p = 1.0                # 1.0: no nucleus filter
@@ -90,7 +93,8 @@ dtype = "auto"             # as train.py: auto | float32 | bfloat16 | float16
 seed = 1337
 
 DEFAULTS = configurator.defaults_of(globals())
-CHOICES = {"device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", *DTYPES), "optimizer": ("adamw", "muon")}
+CHOICES = {"device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", *DTYPES), "optimizer": ("adamw", "muon"),
+           "reasoning": ("on", "auto")}
 VALIDATION_SEED = 7  # eval.py scores held-out problems drawn with another seed: best.pt is not chosen on them
 
 
@@ -111,8 +115,8 @@ def settings(argv):
         raise UserError("group_size must be at least 2: the baseline of a reply is its group's mean reward")
     if not 0 < cfg.top_p <= 1 or cfg.top_k < 0 or cfg.temperature <= 0 or cfg.learning_rate < 0 or cfg.muon_lr < 0:
         raise UserError("temperature must be > 0, top_p in (0, 1], top_k >= 0, learning_rate and muon_lr >= 0")
-    if cfg.sft_coef < 0 or min(cfg.sft_batch_size, cfg.micro_batch) < 1:
-        raise UserError("sft_coef must be >= 0, sft_batch_size and micro_batch at least 1")
+    if cfg.sft_coef < 0 or cfg.think_cost < 0 or min(cfg.sft_batch_size, cfg.micro_batch) < 1:
+        raise UserError("sft_coef and think_cost must be >= 0, sft_batch_size and micro_batch at least 1")
     if cfg.sft_coef and not cfg.data_dir:
         raise UserError("sft_coef > 0 mixes in the supervised loss on prepared data, and the init checkpoint names "
                         "no data_dir: pass --data_dir=DIR (or --sft_coef=0)")
@@ -170,15 +174,15 @@ def reward(reply, task, answer):
 
 
 def sample_groups(model, enc, problems, cfg, ctx, generator):
-    """group_size replies per problem (thinking forced on) -> [(prompt ids, [Reply, ...])]. The copies of one
-    prompt have the same length, so each group is one batch without padding."""
+    """group_size replies per problem (thinking forced on, or the model's choice with reasoning="auto") -> [(prompt
+    ids, [Reply, ...])]. The copies of one prompt have the same length, so each group is one batch without padding."""
     sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
                     top_p=cfg.top_p)
     groups = []
     model.eval()
     with ctx:
         for _, messages, _ in problems:
-            prompt = render_prompt(messages, enc, "on")
+            prompt = render_prompt(messages, enc, cfg.reasoning)
             groups.append((prompt, generate_replies(model, enc, [prompt] * cfg.group_size, sampling, generator,
                                                     batch_size=cfg.group_size)))
     model.train()
@@ -202,9 +206,9 @@ def policy_loss(model, prompt, replies, advantages, constant, ctx):
 
 
 @torch.no_grad()
-def greedy_rewards(model, enc, items, max_new_tokens, ctx):
-    """Greedy answers to (task, messages, answer) items, thinking forced on -> (rewards, replies)."""
-    prompts = [render_prompt(messages, enc, "on") for _, messages, _ in items]
+def greedy_rewards(model, enc, items, max_new_tokens, ctx, reasoning="on"):
+    """Greedy answers to (task, messages, answer) items in a reasoning mode -> (rewards, replies)."""
+    prompts = [render_prompt(messages, enc, reasoning) for _, messages, _ in items]
     model.eval()
     with ctx:
         replies = generate_replies(model, enc, prompts, dict(max_new_tokens=max_new_tokens, temperature=0.0))
@@ -212,9 +216,9 @@ def greedy_rewards(model, enc, items, max_new_tokens, ctx):
     return [reward(r, task, answer) for (task, _, answer), r in zip(items, replies)], replies
 
 
-def evaluate(model, enc, items, max_new_tokens, ctx):
+def evaluate(model, enc, items, max_new_tokens, ctx, reasoning):
     """Greedy answers to held-out items -> ({task: accuracy}, mean thinking tokens)."""
-    rewards, replies = greedy_rewards(model, enc, items, max_new_tokens, ctx)
+    rewards, replies = greedy_rewards(model, enc, items, max_new_tokens, ctx, reasoning)
     correct, counts = {}, {}
     for (task, _, _), r in zip(items, rewards):
         correct[task] = correct.get(task, 0) + r
@@ -223,11 +227,11 @@ def evaluate(model, enc, items, max_new_tokens, ctx):
     return accuracy, sum(r.thinking_tokens for r in replies) / len(replies)
 
 
-def screen_problems(model, enc, candidates, n, max_new_tokens, ctx):
+def screen_problems(model, enc, candidates, n, max_new_tokens, ctx, reasoning):
     """n of the candidate problems: those the model answers wrong greedily first, then the others in draw order
     -> (problems, share of candidates answered wrong). Greedy decoding is how the model is used and scored,
     and its mistakes are where sampled groups disagree and teach."""
-    rewards, _ = greedy_rewards(model, enc, candidates, max_new_tokens, ctx)
+    rewards, _ = greedy_rewards(model, enc, candidates, max_new_tokens, ctx, reasoning)
     order = sorted(range(len(candidates)), key=lambda i: rewards[i])  # stable: wrong (0) first, draw order kept
     return [candidates[i] for i in order[:n]], 1 - sum(rewards) / len(rewards)
 
@@ -240,16 +244,18 @@ def get_lr(cfg, it):
     return cfg.min_lr + (1 - progress) * (cfg.learning_rate - cfg.min_lr)
 
 
-def policy_gradient(model, batch, groups, constant, scaler, ctx, micro_batch):
+def policy_gradient(model, batch, groups, constant, scaler, ctx, micro_batch, thinking_price=0.0):
     """Backward the policy loss of every group whose rewards differ, micro_batch replies at a time (the loss is a
-    sum over replies: the same gradient) -> ({task: rewards}, loss, groups skipped).
+    sum over replies: the same gradient) -> ({task: rewards}, loss, groups skipped). A reply's reward is its
+    correctness less thinking_price per thinking token; the task rewards returned are the correctness alone.
     One on-policy update: the replies were sampled by exactly these weights, so the importance ratio of PPO/GRPO
     is 1 and there is nothing to clip; and since the policy moves once per batch, by a small learning rate, from
     a model that already answers well, no KL penalty to a reference is needed."""
     task_rewards, flat, loss_total = {}, 0, 0.0
     for (task, _, answer), (prompt, replies) in zip(batch, groups):
-        rewards = [reward(r, task, answer) for r in replies]
-        task_rewards.setdefault(task, []).extend(rewards)
+        correct = [reward(r, task, answer) for r in replies]
+        task_rewards.setdefault(task, []).extend(correct)
+        rewards = [c - thinking_price * r.thinking_tokens for c, r in zip(correct, replies)]
         mean = sum(rewards) / len(rewards)
         if all(r == mean for r in rewards):  # no advantage anywhere: nothing to learn
             flat += 1
@@ -297,8 +303,11 @@ def report_heldout(log, iter_num, accuracy, thinking):
 def log_step(log, bar, iter_num, task_rewards, groups, flat, sample_seconds, pass_rates, **metrics):
     rewards = [r for rs in task_rewards.values() for r in rs]
     lengths = [len(r.ids) for _, replies in groups for r in replies]
+    thinking = [r.thinking_tokens for _, replies in groups for r in replies]
+    thought = [r.thinking is not None for _, replies in groups for r in replies]
     log.write(iter=iter_num, reward=sum(rewards) / len(rewards), **metrics, zero_variance_share=flat / len(groups),
               reply_tokens=sum(lengths) / len(lengths), sampling_tokens_per_s=sum(lengths) / sample_seconds,
+              thinking_tokens=sum(thinking) / len(thinking), thought_share=sum(thought) / len(thought),
               **{f"reward_{t}": sum(rs) / len(rs) for t, rs in task_rewards.items()},
               **{f"pass_rate_{t}": p for t, p in pass_rates.items()})
     bar.set_postfix_str(f"reward {sum(rewards) / len(rewards):.2f} flat {flat}/{len(groups)} "
@@ -355,7 +364,7 @@ def main(argv):
     constant = cfg.problems_per_step * cfg.group_size * cfg.max_new_tokens
     while True:
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
-            accuracy, thinking = evaluate(model, enc, problems.heldout, cfg.max_new_tokens, sample_ctx)
+            accuracy, thinking = evaluate(model, enc, problems.heldout, cfg.max_new_tokens, sample_ctx, cfg.reasoning)
             overall = report_heldout(log, iter_num, accuracy, thinking)
             if overall > best_accuracy:
                 best_accuracy = overall
@@ -373,12 +382,14 @@ def main(argv):
         batch = problems.draw(cfg.problems_per_step * cfg.screen, rng, cfg.task_floor)
         screened = {}
         if cfg.screen > 1:
-            batch, wrong = screen_problems(model, enc, batch, cfg.problems_per_step, cfg.max_new_tokens, sample_ctx)
+            batch, wrong = screen_problems(model, enc, batch, cfg.problems_per_step, cfg.max_new_tokens, sample_ctx,
+                                           cfg.reasoning)
             screened = {"greedy_wrong_share": wrong}
         t_sample = time.perf_counter()
         groups = sample_groups(model, enc, batch, cfg, sample_ctx, generator)
         sample_seconds = time.perf_counter() - t_sample
-        task_rewards, loss, flat = policy_gradient(model, batch, groups, constant, scaler, ctx, cfg.micro_batch)
+        task_rewards, loss, flat = policy_gradient(model, batch, groups, constant, scaler, ctx, cfg.micro_batch,
+                                                   cfg.think_cost / cfg.max_new_tokens)
         problems.update(task_rewards)
         sft = supervised_mixin(model, bins, cfg, iter_num, scaler, ctx) if cfg.sft_coef else {}
         grad_norm = float(clip_gradients(model, optimizer, scaler, cfg.grad_clip))

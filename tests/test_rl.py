@@ -92,7 +92,7 @@ def test_micro_batches_give_the_same_gradient(reasoning_data, monkeypatch):
     _, bins = load_data(reasoning_data, splits=("train",))
     ctx = torch.autocast("cpu", enabled=False)
     prompt = text_ids("Q?")
-    replies = [SimpleNamespace(ids=text_ids("ab" * k) + [END]) for k in range(1, 8)]
+    replies = [SimpleNamespace(ids=text_ids("ab" * k) + [END], thinking_tokens=k) for k in range(1, 8)]
     item, group = ("add", [], "2"), (prompt, replies)
     grads = []
     for micro in (1, 3, 100):
@@ -104,6 +104,40 @@ def test_micro_batches_give_the_same_gradient(reasoning_data, monkeypatch):
         grads.append((torch.cat([p.grad.flatten() for p in model.parameters()]), sft["sft_loss"]))
     for grad, loss in grads[:2]:
         assert torch.allclose(grad, grads[2][0], rtol=1e-4, atol=1e-6) and loss == pytest.approx(grads[2][1])
+
+
+def test_a_thinking_cost_favours_the_right_reply_that_thought_less(monkeypatch):
+    """reward = correct - think_cost * thinking tokens / max_new_tokens: of two right replies the one that answered
+    without thinking gets the larger advantage, a wrong one the smallest; pass rates count correctness alone."""
+    prompt = text_ids("Q?")
+    thought = SimpleNamespace(ids=[1] * 11, thinking_tokens=10, right=True)
+    direct = SimpleNamespace(ids=[1] * 2, thinking_tokens=0, right=True)
+    wrong = SimpleNamespace(ids=[1] * 2, thinking_tokens=0, right=False)
+    monkeypatch.setattr(rl, "reward", lambda reply, task, answer: float(reply.right))
+    seen = []
+    monkeypatch.setattr(rl, "policy_loss", lambda model, prompt, ids, advantages, constant, ctx:
+                        seen.extend(advantages) or torch.zeros((), requires_grad=True))
+    task_rewards, _, _ = rl.policy_gradient(None, [("add", [], "2")], [(prompt, [thought, direct, wrong])], 1.0,
+                                            FakeScaler(), None, 8, thinking_price=0.01)
+    assert task_rewards == {"add": [1.0, 1.0, 0.0]}
+    assert seen == pytest.approx([0.9 - 1.9 / 3, 1 - 1.9 / 3, -1.9 / 3])
+
+
+def test_auto_mode_lets_the_model_choose(tmp_path):
+    """reasoning=auto: the replies are sampled (and screened, and evaluated) from prompts that end with the user's
+    turn, so the model's first token is its choice; rl.py runs end to end with a thinking cost."""
+    init = write_checkpoint(tiny_model(seed=4), tmp_path / "init.pt")
+    rl.main([f"--init_from={init}", f"--out_dir={tmp_path}/auto", *ARGS, "--max_iters=1", "--reasoning=auto",
+             "--think_cost=0.5", "--screen=2"])
+    ckpt = torch.load(tmp_path / "auto" / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["reasoning"] == "auto" and ckpt["config"]["think_cost"] == 0.5
+    metrics = [json.loads(line) for line in open(tmp_path / "auto" / "metrics.jsonl")]
+    assert all(0 <= m["thought_share"] <= 1 and m["thinking_tokens"] >= 0 for m in metrics if "reward" in m)
+    cfg = SimpleNamespace(reasoning="auto", max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0, group_size=2)
+    model = Scripted(text_ids("42") + [END])
+    rl.sample_groups(model, BYTE, [("add", [{"role": "user", "content": "1+1?"}], "2")], cfg,
+                     contextlib.nullcontext(), None)
+    assert model.prompts[-1][-1] == SP["<|/user|>"]
 
 
 class FakeScaler:
@@ -125,7 +159,7 @@ def test_screening_keeps_the_problems_answered_wrong_first():
         i = int(bytes(t for t in prompt if t < 256).decode().split("What is ")[-1].split(" ")[0])
         return reply(f"{i}+1: {i}+1={i + 1}, {i + 1}", str(i + 1 if i % 2 == 0 else i))
     candidates = [("add", [{"role": "user", "content": f"What is {i} + 1?"}], str(i + 1)) for i in range(6)]
-    kept, wrong_share = rl.screen_problems(Scripted(script), BYTE, candidates, 4, 64, contextlib.nullcontext())
+    kept, wrong_share = rl.screen_problems(Scripted(script), BYTE, candidates, 4, 64, contextlib.nullcontext(), "on")
     assert [answer for _, _, answer in kept] == ["2", "4", "6", "1"] and wrong_share == 0.5
 
 
