@@ -198,6 +198,8 @@ def main():
     parser.add_argument("--data", help="a prepare.py folder for the val loss (default: the one the checkpoint "
                                        "was trained on, else data/reasoning)")
     parser.add_argument("--items", type=int, default=50, help="held-out problems per built-in task (0 = skip)")
+    parser.add_argument("--easy_share", type=float, default=0.0,
+                        help="share of easy problems (tasks.is_easy) in add/sub/mul/max's items; 0.58: a third of all")
     parser.add_argument("--gsm8k", metavar="FILE", help="also score a GSM8K-style jsonl of {question, answer}")
     parser.add_argument("--gsm8k_items", type=int, default=None, help="score only the first N GSM8K records")
     parser.add_argument("--val_tokens", type=int, default=1_000_000, help="score at most this many val tokens")
@@ -209,6 +211,8 @@ def main():
     args = parser.parse_args()
     if args.items < 0 or min(args.val_tokens, args.batch_size, args.gen_batch) < 1:
         raise UserError("--items must be >= 0, --val_tokens, --batch_size and --gen_batch >= 1")
+    if not 0 <= args.easy_share <= 1:
+        raise UserError("--easy_share must be between 0 and 1")
     try:
         budgets = [int(b) for b in args.thinking_budgets.split(",") if b.strip()]
     except ValueError:
@@ -245,11 +249,11 @@ def main():
     # 2. reasoning score: thinking on vs off
     if args.items:
         difficulty = difficulty_of(meta)
-        items = list(heldout_items(args.items * len(TASKS), difficulty=difficulty))
+        items = list(heldout_items(args.items * len(TASKS), difficulty=difficulty, easy_share=args.easy_share))
         print(f"\nreasoning score: {args.items} held-out problems per task, thinking forced on, forced off, and auto "
               "(the model chooses)")
         summary = summarize(reasoning_score(model, enc, items, sampling, generator, args.gen_batch))
-        report["reasoning"] = {"difficulty": asdict(difficulty), "tasks": summary}
+        report["reasoning"] = {"difficulty": asdict(difficulty), "easy_share": args.easy_share, "tasks": summary}
         print(score_table(summary))
         if budgets:
             report["reasoning"]["budgets"] = budget_curve(model, enc, items, sampling, generator, args.gen_batch,

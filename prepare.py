@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common import StopFlag, UserError, load_tokenizer, run_main, save_json
-from tasks import Difficulty, sample_problem
+from tasks import EASY_TASKS, Difficulty, sample_problem
 from tokenizer import (BPE_FILE, MAX_BPE, MIN_BPE, TOKENIZERS, padded_vocab_size, read_bpe, render_conversation,
                        special_ids, train_bpe)
 
@@ -44,7 +44,8 @@ from tokenizer import (BPE_FILE, MAX_BPE, MIN_BPE, TOKENIZERS, padded_vocab_size
 # which tasks how often, small talk, and the share answered without thinking.
 
 REASONING_EXAMPLES = 50_000  # default size: ~3.8M byte tokens, about what the default train.py run sees
-DIRECT_SHARE = 0.25          # examples answered without thinking (<|no_think|>): eval compares both modes
+DIRECT_SHARE = 0.25          # --direct random: problems answered without thinking (<|no_think|>), whatever they are
+EASY_SHARE = 0.3             # --direct easy: the share of EASY_TASKS problems that are easy, and answered directly
 TASK_WEIGHTS = {"add": 3, "sub": 3, "mul": 3, "sort": 2, "count": 2, "max": 2, "word": 2, "smalltalk": 1}
 
 SMALLTALK = [  # (things a user says, things Forge answers): always answered without thinking
@@ -62,8 +63,10 @@ SMALLTALK = [  # (things a user says, things Forge answers): always answered wit
 ]
 
 
-def reasoning_documents(n, seed, difficulty):
-    """n chat examples of the built-in dataset, deterministic for a seed."""
+def reasoning_documents(n, seed, difficulty, direct="random"):
+    """n chat examples of the built-in dataset, deterministic for a seed. direct: which problems are answered
+    without thinking: "random" (DIRECT_SHARE of them, whatever they are: eval.py's no-think column has data behind
+    it) or "easy" (exactly the easy ones, tasks.is_easy: the model's choice to think then means something)."""
     rng = random.Random(seed)
     names, weights = list(TASK_WEIGHTS), list(TASK_WEIGHTS.values())
     for _ in range(n):
@@ -71,6 +74,10 @@ def reasoning_documents(n, seed, difficulty):
         if task == "smalltalk":
             says, answers = rng.choice(SMALLTALK)
             question, thinking, answer = rng.choice(says), None, rng.choice(answers)
+        elif direct == "easy":
+            easy = task in EASY_TASKS and rng.random() < EASY_SHARE
+            question, thinking, answer = sample_problem(task, rng, difficulty, heldout=False, easy=easy)
+            thinking = None if easy else thinking
         else:
             question, thinking, answer = sample_problem(task, rng, difficulty, heldout=False)
             if rng.random() < DIRECT_SHARE:
@@ -342,7 +349,8 @@ def open_source(spec, args):
     recipe, _, path = spec.partition("=") if "=" in spec else (None, "", spec)
     if spec == "reasoning":
         n = args.max_samples or REASONING_EXAMPLES
-        return Source("reasoning", lambda at: numbered(reasoning_documents(n, args.seed, args.difficulty), at),
+        return Source("reasoning", lambda at: numbered(reasoning_documents(n, args.seed, args.difficulty,
+                                                                           args.direct), at),
                       as_is, n)
     if recipe is None and spec in RECIPES:
         return Source(spec, lambda at: hub_records(spec, at), RECIPES[spec].convert, args.max_samples)
@@ -578,7 +586,8 @@ def encode_in_parallel(items, enc, key, pool, workers):
 
 def settings_of(args):
     """What decides prepare.py's output, as progress.json keeps it: a resumed run must have the same."""
-    keys = ("datasets", "max_samples", "tokenizer", "bpe_sample_mb", "val_fraction", "seed", "max_doc_tokens")
+    keys = ("datasets", "max_samples", "tokenizer", "bpe_sample_mb", "val_fraction", "seed", "max_doc_tokens",
+            "direct")
     return json.loads(json.dumps({**{k: getattr(args, k) for k in keys}, "difficulty": asdict(args.difficulty)}))
 
 
@@ -749,6 +758,7 @@ def finish(out, writers, stats, totals, enc, args, progress):
         os.remove(os.path.join(out, BPE_FILE))  # a trained tokenizer of an earlier run: not this data's
     if "reasoning" in args.datasets:
         meta["difficulty"] = asdict(args.difficulty)
+        meta["direct"] = args.direct
     save_json(meta, meta_path)
     return meta
 # ============================================================ command line
@@ -777,6 +787,8 @@ def parse_args(argv):
     p.add_argument("--digits", type=int, default=Difficulty.digits, help="reasoning: add/sub/max digits")
     p.add_argument("--mul_digits", default="2x1", help="reasoning: AxB, up to A-digit times up to B-digit")
     p.add_argument("--list_len", type=int, default=Difficulty.list_len, help="reasoning: longest list")
+    p.add_argument("--direct", choices=("random", "easy"), default="random",
+                   help="reasoning: answer a random quarter of the problems without thinking, or the easy ones")
     args = p.parse_args(argv)
     if args.max_samples is not None and args.max_samples < 1:
         p.error("--max_samples must be at least 1")

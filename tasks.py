@@ -192,26 +192,45 @@ TASK_MAKERS = {"add": task_add, "sub": task_sub, "mul": task_mul, "sort": task_s
 TASKS = list(TASK_MAKERS)
 
 
+def is_easy(key):
+    """Whether a problem needs no thinking: a sum, difference or product of two one-digit numbers, or the larger of
+    two numbers. Its trace would be one line restating the answer; prepare.py --direct easy answers these directly
+    (and only these), so that a model choosing whether to think has a reason to."""
+    task, *args = key.split(" ", 1)
+    if task in EASY_TASKS[:3]:
+        return all(int(x) < 10 for x in args[0].split())
+    return task == "max" and args[0].count(",") == 1
+
+
+EASY_TASKS = ("add", "sub", "mul", "max")  # the tasks that have easy problems (is_easy)
+
+
 def is_heldout(key):
     """Whether a problem is reserved for evaluation: decided by a hash, so train and held-out never share one."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") % HELDOUT_SHARE == 0
 
 
-def sample_problem(task, rng, difficulty, heldout=False):
-    """(question, thinking, answer) for a problem on the requested side of the held-out line."""
+def sample_problem(task, rng, difficulty, heldout=False, easy=None):
+    """(question, thinking, answer) for a problem on the requested side of the held-out line, and with easy=True or
+    False an easy one or not (is_easy; only EASY_TASKS have easy ones)."""
+    if easy and task not in EASY_TASKS:
+        raise ValueError(f"{task} has no easy problems: {', '.join(EASY_TASKS)} do")
     while True:
         key, question, steps, answer = TASK_MAKERS[task](rng, difficulty)
-        if is_heldout(key) == heldout:
+        if is_heldout(key) == heldout and easy in (None, is_easy(key)):
             return question, "\n".join(steps), answer
 
 
-def heldout_items(n, seed=20240601, difficulty=None):
+def heldout_items(n, seed=20240601, difficulty=None, easy_share=0.0):
     """n evaluation items (task, messages ending with the user turn, answer), cycling through TASKS.
-    They come from the reserved share of problems, so none of them is ever in the training data."""
+    They come from the reserved share of problems, so none of them is ever in the training data. With easy_share,
+    that share of each EASY_TASKS task's items is easy (is_easy): 7/12 makes a third of all items easy."""
     rng, difficulty = random.Random(seed), difficulty or Difficulty()
     for i in range(n):
         task = TASKS[i % len(TASKS)]
-        question, _, answer = sample_problem(task, rng, difficulty, heldout=True)
+        k = i // len(TASKS)  # the k-th item of its task: easy for the first easy_share of every 12
+        easy = (k % 12 < round(12 * easy_share)) if easy_share and task in EASY_TASKS else None
+        question, _, answer = sample_problem(task, rng, difficulty, heldout=True, easy=easy)
         yield task, [{"role": "user", "content": question}], answer
 
 

@@ -179,3 +179,7 @@ def test_eval_errors_are_one_line(trained_run, tmp_path):
         rc, _, err = run_script("eval.py", flag, value)
         assert rc == 1 and err.strip() == ("eval.py: error: --items must be >= 0, --val_tokens, --batch_size and "
                                            "--gen_batch >= 1")
+    for flag, value, message in (("--easy_share", 2, "--easy_share must be between 0 and 1"),
+                                 ("--thinking_budgets", "8,x", "--thinking_budgets must be numbers >= 0")):
+        rc, _, err = run_script("eval.py", flag, value)
+        assert rc == 1 and err.strip().startswith(f"eval.py: error: {message}")

@@ -134,6 +134,25 @@ def test_the_mix_of_tasks(default_run, monkeypatch):
     assert counts["smalltalk"] > 500
 
 
+def test_direct_easy_answers_exactly_the_easy_problems_without_thinking(tmp_path):
+    """--direct easy: a problem is answered directly if and only if it is easy (one-digit operands, or two numbers
+    to compare) or small talk, so that the model's choice to think means something."""
+    def easy(question):
+        nums = [int(n) for n in re.findall(r"\d+", question)]
+        if question.startswith("Sort") or "letter" in question or "'s are in" in question:
+            return False
+        return len(nums) == 2 and ("larg" in question or max(nums) < 10)
+    smalltalk = {say for says, _ in prepare.SMALLTALK for say in says}
+    main(["--max_samples", "3000", "--direct", "easy", "--out_dir", str(tmp_path)])
+    assert json.loads((tmp_path / "meta.json").read_text())["direct"] == "easy"
+    direct = 0
+    for ids, _ in read_split(tmp_path, "train") + read_split(tmp_path, "val"):
+        question, thinking, _ = chat_of(ids)
+        assert (thinking is None) == (easy(question) or question in smalltalk), question
+        direct += thinking is None
+    assert 0.15 < direct / 3000 < 0.35
+
+
 def test_bins_reproduce_the_rendered_documents(tmp_path):
     main(["reasoning", "--max_samples", "3000", "--seed", "7", "--out_dir", str(tmp_path)])
     rendered = [tuple(render_conversation(d, BYTE)[0]) for d in reasoning_documents(3000, 7, Difficulty())]

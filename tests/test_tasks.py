@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tasks import TASKS, Difficulty, check_answer, heldout_items, sample_problem
+from tasks import EASY_TASKS, TASKS, Difficulty, check_answer, heldout_items, sample_problem
 
 
 def solve(question):
@@ -87,6 +87,34 @@ def test_heldout_items_are_correct_and_never_trained_on():
         assert (solved_task, answer) == (task, truth)
         assert (task, key) not in trained, messages
     assert len({solve(m[0]["content"])[:2] for _, m, _ in items}) > 500  # varied, not one problem repeated
+
+
+def easy_by_hand(task, key):
+    """The easy problems, decided here from the question: one-digit operands, or two numbers to compare."""
+    return task in ("add", "sub", "mul") and max(key) < 10 or task == "max" and len(key) == 2
+
+
+def test_easy_problems_are_the_one_step_ones_and_can_be_asked_for():
+    rng = random.Random(1)
+    for task in TASKS:
+        for easy in ([True, False] if task in EASY_TASKS else [False]):
+            for _ in range(200):
+                question, thinking, answer = sample_problem(task, rng, Difficulty(), easy=easy)
+                solved_task, key, truth = solve(question)
+                assert answer == truth and easy_by_hand(task, key) == easy, question
+    with pytest.raises(ValueError, match="sort has no easy problems"):
+        sample_problem("sort", rng, Difficulty(), easy=True)
+
+
+def test_a_heldout_mix_with_easy_items():
+    """easy_share 7/12: that share of each of add, sub, mul and max's items is easy, a third of all items; the
+    others are drawn as without it, and every item is still held out."""
+    items = list(heldout_items(700, easy_share=7 / 12))
+    easy = [easy_by_hand(task, solve(m[0]["content"])[1]) for task, m, _ in items]
+    assert sum(easy) == 240 and sum(easy) / len(items) > 1 / 3
+    assert all(task in EASY_TASKS for (task, _, _), e in zip(items, easy) if e)
+    trained = {solve(question)[:2] for _, question, _, _ in draws(7000)}
+    assert not {solve(m[0]["content"])[:2] for _, m, _ in items} & trained
 
 
 def test_difficulty_is_configurable():
