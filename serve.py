@@ -4,6 +4,7 @@ Serve a trained model over HTTP: the OpenAI chat API, and a chat page for the br
     python serve.py                                  # out/best.pt (else out/ckpt.pt) on http://127.0.0.1:8000
     python serve.py --ckpt out/best.pt --port 8080   # then open http://127.0.0.1:8080 in a browser
     NANOFORGE_API_KEY=secret python serve.py --host 0.0.0.0     # reachable from other machines: require a key
+    python serve.py --host 0.0.0.0 --allowed_hosts gpu.lan      # also answer http://gpu.lan:8000/ (not only IPs)
 
     POST /v1/chat/completions  the OpenAI chat API, streamed as server-sent events with "stream": true.
                                Extensions: "reasoning" (on | off | auto, as chat.py's /reason) and "top_k";
@@ -15,12 +16,16 @@ Serve a trained model over HTTP: the OpenAI chat API, and a chat page for the br
 The standard library's ThreadingHTTPServer: a thread per connection reads and checks its request, then waits
 for the one model lock, so generations run one at a time and never share a KV cache. Replies come from
 replies.generate_reply, and the conversation is fitted to the context as chat.py does (tokenizer.fit_to_window).
+A request must name this server in its Host header (localhost, an IP address, --host or --allowed_hosts), so a web
+page that points its own name at this machine (DNS rebinding) is refused: its requests carry that name.
 """
 import argparse
 import contextlib
 import hmac
+import ipaddress
 import json
 import os
+import re
 import select
 import socket
 import sys
@@ -50,6 +55,7 @@ MAX_WAITING = 64    # requests queued for the model past this are turned away (5
 SOCKET_TIMEOUT = 30  # seconds a client may stall mid-request (or idle between requests on a kept-alive connection)
 REASONING = ("auto", "on", "off")
 REASONING_EFFORT = {"low": 64, "medium": 256, "high": None}  # OpenAI's reasoning_effort -> max_thinking_tokens
+HOST = re.compile(r"(\[[0-9a-f:.]+\]|[^:\[\]]+)(:\d*)?")  # a Host header: a name or [IPv6], then maybe a port
 
 
 class ApiError(Exception):
@@ -68,6 +74,33 @@ def short(value):
     """A value from a request, quoted in an error message without echoing a megabyte back."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def host_of(value):
+    """The host a Host header (or an --allowed_hosts entry) names, lowercased, without its port and brackets:
+    "LocalHost:8000" -> "localhost", "[::1]:8000" -> "::1"; None when it names none."""
+    match = HOST.fullmatch(value.strip().lower())
+    return match[1].strip("[]") if match else None
+
+
+def host_allowed(name, allowed):
+    """Whether this server answers a request naming the host name: one in allowed, or an IP address (a page cannot
+    rebind an address: a browser sends the host of the page's URL, and an address in it is no site's name)."""
+    if name in allowed:
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_allowed_hosts(text):
+    """--allowed_hosts "a.example,b.example:8080" -> ["a.example", "b.example"]; None for "*": any host."""
+    names = [host_of(entry) for entry in text.split(",") if entry.strip()]
+    if None in names:
+        raise UserError(f"--allowed_hosts takes host names separated by commas (a.example,b.example), not {text!r}")
+    return None if "*" in names else names
 
 
 # ----------------------------------------------------------------------------- requests
@@ -344,6 +377,7 @@ class Handler(BaseHTTPRequestHandler):
                   "/v1/chat/completions": ("POST", self.chat_completions)}
         path = urlsplit(self.path).path
         try:
+            self.check_host()  # first: a refused page learns nothing, not even which paths exist
             if path not in routes:
                 raise ApiError(404, f"no such endpoint: {method} {path[:100]}")
             allowed, handle = routes[path]
@@ -361,6 +395,21 @@ class Handler(BaseHTTPRequestHandler):
         except Exception:  # a bug: logged here in full, a one-line 500 for the client, and the server goes on
             self.log_error("%s", traceback.format_exc().rstrip())
             self.fail(ApiError(500, "internal error: the server's log says more"))
+
+    def check_host(self):
+        """Refuse (ApiError) a request whose Host header does not name this server: DNS rebinding's way in, a page
+        whose own name now resolves to this machine. Missing (HTTP/1.1), repeated or malformed is a 400, as RFC 9112
+        section 3.2 requires; missing in HTTP/1.0 is let through, as no browser sends a request without one."""
+        hosts = self.headers.get_all("Host") or []
+        if not hosts and self.request_version in ("HTTP/0.9", "HTTP/1.0"):
+            return
+        name = host_of(hosts[0]) if len(hosts) == 1 else None
+        if name is None:
+            raise ApiError(400, "the request needs one Host header naming this server, such as 'Host: localhost'")
+        if self.server.allowed_hosts is not None and not host_allowed(name, self.server.allowed_hosts):
+            # 403 as Ollama and Jupyter answer it: a 421 would invite the client to retry over another connection
+            raise ApiError(403, f"this server does not answer to the host {short(name)}, to keep out other sites' "
+                           "pages (DNS rebinding): allow it with --allowed_hosts", code="host_not_allowed")
 
     def fail(self, error):
         if self.headers_sent:  # mid-stream: the status is long gone, so say it as an event, then hang up
@@ -535,8 +584,9 @@ class Server6(Server):
     address_family = socket.AF_INET6
 
 
-def make_server(engine, host="127.0.0.1", port=8000, api_key=None, page_path=PAGE):
-    """An HTTP server for engine on host:port (port 0: any free one), not yet serving."""
+def make_server(engine, host="127.0.0.1", port=8000, api_key=None, page_path=PAGE, allowed_hosts=()):
+    """An HTTP server for engine on host:port (port 0: any free one), not yet serving. It answers requests whose
+    Host header names localhost, host, an IP address or one of allowed_hosts (None: any host)."""
     try:
         with open(page_path, "rb") as f:
             page = f.read()
@@ -547,6 +597,7 @@ def make_server(engine, host="127.0.0.1", port=8000, api_key=None, page_path=PAG
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}: pick another --port or --host") from None
     server.engine, server.api_key, server.page, server.created = engine, api_key, page, int(time.time())
+    server.allowed_hosts = None if allowed_hosts is None else frozenset({"localhost", host.lower(), *allowed_hosts})
     return server
 
 
@@ -559,10 +610,14 @@ def main():
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     parser.add_argument("--api_key", default=os.environ.get(API_KEY_ENV),
                         help=f"require 'Authorization: Bearer KEY' on /v1/ (default: ${API_KEY_ENV}, else none)")
+    parser.add_argument("--allowed_hosts", default="",
+                        help="host names, comma-separated, that requests may name in their Host header besides "
+                             "localhost, --host and IP addresses ('*': any); others get a 403 (DNS rebinding)")
     parser.add_argument("--timeout", type=float, default=120,
                         help="seconds a request may take, its wait for the model included (default 120)")
     args = parser.parse_args()
     sampling = sampling_kwargs(args)
+    allowed_hosts = parse_allowed_hosts(args.allowed_hosts)
     if args.timeout <= 0:
         raise UserError("--timeout must be positive")
     if not 0 <= args.port <= 65535:
@@ -570,7 +625,7 @@ def main():
     model, enc, _ = load_model(args)
     model_id = checkpoint_path(args)
     engine = Engine(model, enc, model_id, sampling, args.seed, args.timeout)
-    server = make_server(engine, args.host, args.port, args.api_key)
+    server = make_server(engine, args.host, args.port, args.api_key, allowed_hosts=allowed_hosts)
     host, port = server.server_address[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
     print(f"serving {model_id} ({model.config.block_size}-token context) at {url}  (OpenAI API: {url}v1)", flush=True)

@@ -70,11 +70,11 @@ def by_reasoning(prompt):
 
 
 @contextlib.contextmanager
-def scripted_server(model, timeout=30, api_key=None):
+def scripted_server(model, timeout=30, api_key=None, allowed_hosts=()):
     """serve.py's server in this process, on a free port, for a scripted model."""
     defaults = dict(max_new_tokens=200, temperature=0.0, top_k=None, top_p=None, max_thinking_tokens=None)
     engine = serve.Engine(model, BYTE, "scripted", defaults, seed=0, timeout=timeout)
-    server = serve.make_server(engine, "127.0.0.1", 0, api_key)
+    server = serve.make_server(engine, "127.0.0.1", 0, api_key, allowed_hosts=allowed_hosts)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -92,7 +92,8 @@ def live(tiny_ckpt, tmp_path_factory):
     env.pop(serve.API_KEY_ENV, None)
     with open(log, "wb") as err:
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--ckpt", tiny_ckpt, "--port", "0",
-                                 "--device", "cpu", "--max_new_tokens", str(LIVE_MAX_TOKENS)], cwd=ROOT, env=env,
+                                 "--device", "cpu", "--max_new_tokens", str(LIVE_MAX_TOKENS),
+                                 "--allowed_hosts", "a.example"], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=err)
     found = re.search(r" at (http://\S+/) ", proc.stdout.readline().decode())
     assert found, f"serve.py did not start: {log.read_text()}"
@@ -127,10 +128,11 @@ def complete(url, stream=False, key="unused", **kwargs):
 
 
 def request(url, path="/v1/chat/completions", body=b"", method="POST", headers=None, content_length=True):
-    """A raw HTTP request, every header under the test's control -> (status, headers, JSON body or text)."""
+    """A raw HTTP request, every header under the test's control (Host too; None: leave a header out)
+    -> (status, headers, JSON body or text)."""
     body = body if isinstance(body, bytes) else json.dumps(body).encode()
     conn = http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port, timeout=60)
-    conn.putrequest(method, path)
+    conn.putrequest(method, path, skip_host="Host" in (headers or {}))
     for name, value in ({"Content-Type": "application/json"} | (headers or {})).items():
         if value is not None:
             conn.putheader(name, value)
@@ -189,6 +191,8 @@ def test_replies_match_the_same_generation_in_process_streamed_or_not(live, reas
 def test_a_mistake_in_the_flags_is_one_line():
     rc, _, err = run_script("serve.py", "--port", "70000")
     assert rc == 1 and err == "serve.py: error: --port must be between 0 (any free port) and 65535\n"
+    rc, _, err = run_script("serve.py", "--allowed_hosts", "a.example,[::1")
+    assert rc == 1 and err.startswith("serve.py: error: --allowed_hosts takes host names") and err.count("\n") == 1
 
 
 def test_models_health_and_the_page(live):
@@ -360,7 +364,7 @@ def test_sixteen_concurrent_clients_get_the_replies_they_would_get_alone(live):
 def test_a_client_that_hangs_up_mid_stream_leaves_a_working_server(live):
     with socket.create_connection(address(live.url)) as sock:
         data = json.dumps(body(stream=True, max_tokens=100)).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
         read_until(sock, b'"delta"')
     assert complete(live.url, max_tokens=4)[2] in ("stop", "length")
@@ -375,8 +379,8 @@ def test_a_client_that_hangs_up_stops_its_generation():
             model.produced = 0
             with socket.create_connection(address(srv.url)) as sock:
                 data = json.dumps(body(stream=stream, max_tokens=200)).encode()
-                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
                 if stream:
                     read_until(sock, b'"content"')
                 else:
@@ -410,6 +414,56 @@ def test_an_api_key_is_required_when_set():
         assert complete(srv.url, key="sekret")[0] == "42"
         assert request(srv.url, "/v1/models", method="GET")[0] == 401
         assert request(srv.url, "/health", method="GET")[0] == 200 and request(srv.url, "/", method="GET")[0] == 200
+
+
+# ----------------------------------------------------------------------------- the Host header: DNS rebinding
+
+def test_a_host_that_names_another_site_is_refused_even_with_the_key():
+    """A page on evil.example that points its name at this machine (DNS rebinding) sends Host: evil.example."""
+    with scripted_server(Scripted(by_reasoning), api_key="sekret") as srv:
+        port, key = urlsplit(srv.url).port, {"Authorization": "Bearer sekret"}
+        for host in ("evil.example", f"evil.example:{port}", "EVIL.example:80", "localhost.evil.example",
+                     "127.0.0.1.evil.example", "evil.example@localhost"):
+            for path, method in (("/", "GET"), ("/health", "GET"), ("/v1/models", "GET"),
+                                 ("/v1/chat/completions", "POST"), ("/nowhere", "GET")):
+                status, _, error = request(srv.url, path, body(), method, {"Host": host} | key)
+                assert status == 403 and error["error"]["code"] == "host_not_allowed", (host, path)
+                assert set(error["error"]) == {"message", "type", "param", "code"}
+        for host in ("localhost", f"localhost:{port}", "LocalHost", "127.0.0.1", f"127.0.0.1:{port}", "[::1]",
+                     f"[::1]:{port}", "192.168.1.5:8000"):  # an address cannot be rebound: no page's name
+            assert request(srv.url, "/v1/models", method="GET", headers={"Host": host} | key)[0] == 200, host
+        status, _, reply = request(srv.url, body=body(reasoning="off"), headers={"Host": f"localhost:{port}"} | key)
+        assert status == 200 and reply["choices"][0]["message"]["content"] == "42"
+
+
+def test_allowed_hosts_admits_the_names_it_lists_and_star_any(live):
+    port = urlsplit(live.url).port  # the live server runs with --allowed_hosts a.example
+    for host, expected in (("a.example", 200), (f"a.example:{port}", 200), ("A.Example", 200),
+                           ("b.example", 403), ("example", 403), ("evil.a.example", 403)):
+        assert request(live.url, "/health", method="GET", headers={"Host": host})[0] == expected, host
+    assert serve.parse_allowed_hosts(" a.example, B.example:8080,") == ["a.example", "b.example"]
+    with scripted_server(Scripted(by_reasoning), allowed_hosts=serve.parse_allowed_hosts("a.example,*")) as srv:
+        assert request(srv.url, "/health", method="GET", headers={"Host": "evil.example"})[0] == 200
+
+
+def raw_request(url, data):
+    """Bytes sent as they are, read up to the server's hanging up -> (status, the body)."""
+    with socket.create_connection(address(url)) as sock:
+        sock.sendall(data)
+        reply = b"".join(iter(lambda: sock.recv(65536), b"")).decode()
+    return int(reply.split()[1]), reply.partition("\r\n\r\n")[2]
+
+
+def test_a_request_needs_one_host_header_except_in_http_1_0():
+    with scripted_server(Scripted(by_reasoning)) as srv:
+        assert request(srv.url, "/health", method="GET", headers={"Host": None})[0] == 400
+        for hosts in (b"Host: localhost\r\nHost: evil.example\r\n", b"Host: \r\n", b"Host: [::1\r\n"):
+            status, error = raw_request(srv.url, b"GET /health HTTP/1.1\r\n%sConnection: close\r\n\r\n" % hosts)
+            assert status == 400 and json.loads(error)["error"]["message"], hosts
+        # HTTP/1.0 came before Host, and no browser leaves it out: nothing a rebinding page could send
+        status, health = raw_request(srv.url, b"GET /health HTTP/1.0\r\n\r\n")
+        assert status == 200 and json.loads(health)["status"] == "ok"
+        assert raw_request(srv.url, b"GET /health HTTP/1.0\r\nHost: evil.example\r\n\r\n")[0] == 403
 
 
 # ----------------------------------------------------------------------------- the page, in a real browser
@@ -565,7 +619,7 @@ def test_the_page_asks_for_the_api_key(tmp_path):
     with scripted_server(Scripted(by_reasoning), api_key="sekret") as srv:
         browser = Browser(tmp_path / "profile")
         try:
-            browser.open(srv.url, 800, 600)
+            browser.open(srv.url.replace("127.0.0.1", "localhost"), 800, 600)  # its requests: Host: localhost:PORT
             browser.call("Page.enable")  # to be told when the page asks for the key (window.prompt)
             browser.type("What is 12+30?")
             browser.event("Page.javascriptDialogOpening")
