@@ -2,7 +2,7 @@
 Export a checkpoint for use outside this repo.
 
     python export.py [--ckpt out/best.pt] [--out_dir DIR] [--format pt|safetensors|hf|gguf|all]
-                     [--dtype float32|float16|bfloat16|q8_0]
+                     [--dtype float32|float16|bfloat16|q8_0|q4_0]
 
   pt           DIR/model.pt           our state dict + model_args + tokenizer, no optimizer state
                                       (checkpoints.load_checkpoint reads it, with weights_only=True)
@@ -14,7 +14,7 @@ Export a checkpoint for use outside this repo.
                                       load_tiktoken() rebuilds our exact encoding offline
   gguf         DIR/model.gguf         one file for llama.cpp (and Ollama, LM Studio, llama-cpp-python):
                                       weights, hyperparameters, tokenizer and chat template; --dtype q8_0
-                                      quantizes it to 8 bits (gguf only)
+                                      quantizes it to 8 bits, q4_0 to 4 (gguf only)
 
 Forge is the Llama architecture (RMSNorm, GQA, rotate-half RoPE, SwiGLU, no biases, tied embeddings),
 so the hf export renames tensors and converts no maths; gguf also reorders the q/k rows for llama.cpp's
@@ -294,7 +294,7 @@ def export_hf(model, enc, folder, dtype=torch.float32):
 
 # ----------------------------------------------------------------------------- gguf (llama.cpp)
 
-GGUF_DTYPES = ("float32", "float16", "bfloat16", "q8_0")
+GGUF_DTYPES = ("float32", "float16", "bfloat16", "q8_0", "q4_0")
 
 # llama.cpp refuses a BPE vocabulary without merges, and the byte tokenizer has none (every token is one byte).
 # It gets one rule that can never apply: it joins two special tokens, which BPE never sees as symbols (they
@@ -320,6 +320,21 @@ def gguf_vocab(enc, vocab_size):
     return texts, types, bpe_merges(enc) or [NO_MERGE]
 
 
+def gguf_tensor_type(name, t, qtype):
+    """The type tensor t (Hugging Face name) is written in, in a file of type qtype: what llama.cpp's own tools
+    choose, where the gguf package can write it."""
+    from gguf import GGMLQuantizationType as Q
+    if t.dim() == 1:
+        return Q.F32  # norm weights, as llama.cpp expects
+    if qtype == Q.Q4_0 and name == "model.embed_tokens.weight":
+        # It is the output matrix too (tied), where 4 bits cost the most: llama-quantize keeps it at Q6_K, which
+        # gguf cannot write, so Q8_0 (llama-quantize's own fallback for Q6_K, where a row is not a multiple of 256)
+        qtype = Q.Q8_0
+    if qtype in (Q.Q8_0, Q.Q4_0) and t.shape[-1] % 32:
+        return Q.F16  # they work in blocks of 32 along a row: another row length stays float16, as llama.cpp's do
+    return qtype
+
+
 def export_gguf(model, enc, path, dtype_name="float32"):
     """One file for llama.cpp: hyperparameters, tokenizer, chat template and weights, written by the gguf
     package (llama.cpp's own writer). Norm weights stay float32, as llama.cpp expects."""
@@ -327,11 +342,12 @@ def export_gguf(model, enc, path, dtype_name="float32"):
     from gguf import GGMLQuantizationType as Q
     cfg, sp = model.config, special_ids(enc)
     check_vocab(enc, cfg, "the gguf export")
-    qtype = {"float32": Q.F32, "float16": Q.F16, "bfloat16": Q.BF16, "q8_0": Q.Q8_0}[dtype_name]
+    qtype = {"float32": Q.F32, "float16": Q.F16, "bfloat16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[dtype_name]
     w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     w.add_name("nanoforge")
     w.add_file_type({Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
-                     Q.BF16: gguf.LlamaFileType.MOSTLY_BF16, Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
+                     Q.BF16: gguf.LlamaFileType.MOSTLY_BF16, Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+                     Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0}[qtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_vocab_size(cfg.vocab_size)
     w.add_context_length(cfg.block_size)
@@ -367,8 +383,7 @@ def export_gguf(model, enc, path, dtype_name="float32"):
             t = gguf_permute(t, cfg.n_head)
         elif name.endswith("k_proj.weight"):
             t = gguf_permute(t, cfg.n_kv_head)
-        # q8_0 works in blocks of 32 along a row; a row of another length stays float16, as llama.cpp's converter does
-        q = Q.F32 if t.dim() == 1 else Q.F16 if qtype == Q.Q8_0 and t.shape[-1] % 32 else qtype
+        q = gguf_tensor_type(name, t, qtype)
         w.add_tensor(names.get_name(name, try_suffixes=(".weight",)), gguf.quants.quantize(t.numpy(), q),
                      raw_dtype=q)
 
@@ -420,7 +435,7 @@ def main(argv=None):
     p.add_argument("--out_dir", default=None, help="output folder (default: export/ next to the checkpoint)")
     p.add_argument("--format", default="all", choices=["pt", "safetensors", "hf", "gguf", "all"])
     p.add_argument("--dtype", default="float32", choices=list(dict.fromkeys([*DTYPES, *GGUF_DTYPES])),
-                   help="dtype of the exported weights (q8_0: gguf only)")
+                   help="dtype of the exported weights (q8_0, q4_0: gguf only)")
     args = p.parse_args(argv)
     if args.ckpt is None:
         args.ckpt = find_checkpoint("out")
