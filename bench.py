@@ -4,6 +4,7 @@ Benchmarks: nanoforge's speed against a peer, side by side in one process, and i
     python bench.py                                  # every section at this machine's sizes
     python bench.py --quick                          # small sizes, few repeats
     python bench.py --sections train,generate --device cuda --dtype bfloat16 --compile --json bench.json
+    python bench.py --gpu_check [--json FILE]        # does this GPU train and decode as expected: a few minutes
 
 Sections:
   peak      the device's measured matmul rate per dtype: the ceiling that MFU is a fraction of
@@ -25,10 +26,18 @@ Sizes: "tiny" is train.py's default CPU model (4 layers, d=256, byte vocabulary)
 Timing: every contender is warmed up, then the contenders take turns (so background load hits them
 alike) and the median is reported. Ratios are ours / peer: above 1 means nanoforge is faster.
 bench.py imports no other script: it runs export.py, prepare.py and train.py in subprocesses.
+
+--gpu_check (CUDA only) runs checks instead of the sections, a table each, a row a check: torch.compile against
+eager, bf16 and fp16 (+ GradScaler) training steps, each config/ preset's memory estimate against its measured
+peak, Forge-1 Nano's training MFU, decoding tokens/s with the KV cache. A failed row fails the command (exit 1).
 """
 import argparse
+import ast
+import contextlib
+import gc
 import importlib.util
 import json
+import math
 import os
 import platform
 import random
@@ -44,14 +53,15 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from checkpoints import save_checkpoint
+import configurator
+from checkpoints import build_model, save_checkpoint
 from common import UserError, run_main, save_json
 from data import TokenFile, get_batch, random_starts
-from device import DTYPES, amp_dtype, autocast, peak_flops, resolve_device
+from device import DTYPES, amp_dtype, autocast, inference_dtype, peak_flops, resolve_device
 from isolate import Child, ChildCrashed
 from model import Forge, ModelConfig
 from tokenizer import GPT2_RANKS_ENV
-from training import configure_optimizer, stage_at
+from training import clip_gradients, configure_optimizer, make_optimizer, optimizer_step, stage_at
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SECTIONS = ("peak", "train", "generate", "data", "memory")
@@ -508,6 +518,320 @@ def bench_memory(args, plan):
     return rows
 
 
+# ----------------------------------------------------------------------------- GPU check
+# `python bench.py --gpu_check`: does this GPU train and decode as the presets expect, in one command of a few
+# minutes (docs/performance.md, GPU check). Every check is a row: one that fails (an exception, out of memory, a
+# mismatch) says so in its row and the others still run. gpu_check(device, smoke=True) runs the same code at toy
+# sizes on any device: the tests' CPU run.
+
+# Dense fp16/bf16 tensor-core TFLOP/s (fp32 accumulation, no sparsity) from NVIDIA's datasheets, by the name torch
+# reports, matched whole: a substring would mistake one card for another ("L4" in "L40", "H100" in "H100 NVL").
+GPU_PEAKS = {"NVIDIA H200": 989, "NVIDIA H200 NVL": 835, "NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756,
+             "NVIDIA H100 NVL": 835, r"NVIDIA A100[- ].*": 312, "NVIDIA GeForce RTX 4090": 165, "Tesla T4": 65,
+             "NVIDIA GeForce RTX 3050 Ti Laptop GPU": 17.4}
+# (The 3050 Ti has no datasheet figure: 80 tensor cores x 128 FLOP a clock, the RTX 3080 whitepaper's rate for
+# Ampere's GeForce cards, x its top boost clock, 1,695 MHz; a laptop's power limit often holds it lower.)
+CHECK_TITLES = {"compile": "torch.compile against eager: train.py's default run, 3 steps from the same weights",
+                "precision": "half precision: 5 steps, the first loss against fp32's on the same weights and batch",
+                "memory": "memory: train.py's dry-run estimate against the peak allocated over 2 optimizer steps",
+                "mfu": "training MFU: Forge-1 Nano, compiled as train.py compiles it",
+                "decode": "decoding: batch 1, greedy, model.generate with its KV cache"}
+
+
+def train_settings():
+    """(train.py's settings with their defaults, the settings that shape its model): its module-level assignments of
+    plain values, read from its source as configurator.defaults_of takes them from its namespace (bench.py imports
+    no script; the tests check the result against train.DEFAULTS)."""
+    with open(os.path.join(ROOT, "train.py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    literals = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            with contextlib.suppress(ValueError):  # computed from names (DEFAULTS, CHOICES): not settings
+                literals[node.targets[0].id] = ast.literal_eval(node.value)
+    return configurator.defaults_of(literals), literals["ARCHITECTURE"]
+
+
+def check_plan(smoke):
+    """What the GPU check runs: train.py's settings (its default run, the presets), Nano, the compiler backend and the
+    repeats. smoke: the same code with every model one tiny layer, compiled by dynamo's "eager" backend (graph
+    capture without Inductor's code generation): seconds on a CPU."""
+    defaults, architecture = train_settings()
+    toy = dict(n_layer=1, n_head=2, n_kv_head=1, n_embd=32, ffn_hidden=0, emb_rank=0, block_size=32)
+    return SimpleNamespace(
+        defaults=defaults, architecture=architecture, backend="eager" if smoke else "inductor",
+        shrink=toy | dict(batch_size=2, seq_curriculum=[], dry_run_vocab=320) if smoke else {},
+        nano=ModelConfig(vocab_size=320, **toy) if smoke else MODELS["nano"], nano_batch=2 if smoke else 8,
+        reps=1 if smoke else 10, prompt=8 if smoke else 64, new_tokens=8 if smoke else 128)
+
+
+def check_settings(plan, **overrides):
+    """train.py's settings with overrides (a preset's), shrunk in a smoke run."""
+    return SimpleNamespace(**plan.defaults | overrides | plan.shrink)
+
+
+def default_run(plan):
+    """train.py's default run: its settings, over the vocabulary of its default data (byte-tokenized)."""
+    return check_settings(plan, dry_run_vocab=MODELS["tiny"].vocab_size)
+
+
+def preset_settings(path, plan):
+    """A config file's settings as train.py reads them (configurator: its defaults, then the file), or why train.py
+    does not train it from scratch (another script's settings; a fine-tuning's model is its checkpoint's)."""
+    try:
+        overrides = configurator.read_config_file(path, plan.defaults)
+    except UserError as e:
+        return f"not a train.py config: {str(e).replace(ROOT + os.sep, '')}"
+    if overrides.get("init_from"):
+        return f"fine-tunes init_from={overrides['init_from']}: its preset's row measures that model"
+    return check_settings(plan, **overrides)
+
+
+def check_amp(device, dtype):
+    """The autocast dtype train.py takes for a dtype setting on this GPU. Off CUDA (a smoke run) the dtype the
+    setting names, so that fp16 presets take the GradScaler's path there too, and fp32 for auto: a CPU may emulate
+    bf16, a thousand times slower."""
+    if device == "cuda":
+        return amp_dtype("cuda", dtype)
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
+
+
+def dtype_name(amp):
+    return str(amp or torch.float32).removeprefix("torch.")
+
+
+def preset_model(plan, cfg, device):
+    """The model train.py builds from scratch for settings cfg (model_for_run), over the dry run's vocabulary,
+    seeded: the same weights every time. device "meta": shapes only."""
+    args = {k: getattr(cfg, k) for k in plan.architecture} | dict(
+        vocab_size=cfg.dry_run_vocab, block_size=cfg.block_size, dropout=cfg.dropout,
+        grad_checkpoint=cfg.grad_checkpoint)
+    torch.manual_seed(cfg.seed)
+    return build_model(args, device=device)
+
+
+def random_batch(vocab_size, batch_size, context, device):
+    """(batch_size, context + 1) random token ids: inputs and their next tokens."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (batch_size, context + 1), generator=generator).to(device)
+
+
+def trainer(raw, cfg, amp, batch, train_model=None):
+    """train.py's optimizer step on one micro-batch (cfg's optimizer, autocast, GradScaler, clipping, the
+    non-finite guard) as a function of no arguments -> (loss, update applied); and the GradScaler. train_model:
+    raw compiled, where the step runs compiled."""
+    device_type = raw.device.type
+    optimizer, scaler = make_optimizer(raw, cfg, device_type, amp, None)
+    x, y = batch[:, :-1], batch[:, 1:]
+
+    def step():
+        with autocast(device_type, amp):
+            loss = (raw if train_model is None else train_model)(x, y)[1]
+        scaler.scale(loss).backward()
+        grad_norm = clip_gradients(raw, optimizer, scaler, cfg.grad_clip)
+        loss, grad_norm = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()  # one host sync
+        return loss, optimizer_step(optimizer, scaler, loss, grad_norm)
+    return step, scaler
+
+
+def free_memory(device):
+    """Give back to the GPU what the last check left (its tensors, compiled graphs, the allocator's cache) and
+    restart the peak count."""
+    if device == "cuda":
+        gc.collect()
+        torch.compiler.reset()  # compiled graphs may hold their model's tensors
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_check(row, device, fn, *args):
+    """row, updated with fn(*args)'s results or with why it failed: a check's failure is its row's, not the run's (a
+    preset too big for this card, no compiler here). Out of memory where the estimate that fn put in the row first
+    exceeds the free memory is this card's size, not a failure. Memory is freed before and after."""
+    free_memory(device)
+    free = torch.cuda.mem_get_info(device)[0] / 2**30 if device == "cuda" else math.inf
+    try:
+        row.update(fn(*args))
+    except torch.OutOfMemoryError:
+        too_big = row.get("estimate GiB", 0) > free
+        row.update(ok=None if too_big else False, note=f"out of memory, {free:.1f} GiB free"
+                   + (": too big for this card, as estimated" if too_big else ""))
+    except Exception as e:  # the toolchain's errors are many (Triton, a C++ compiler, a driver): the row says which
+        row.update(ok=False, note=f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}")
+    free_memory(device)  # here, where the exception and its frames holding the tensors are gone
+    return row
+
+
+def compare_compiled(plan, device, amp):
+    """train.py's default run (its model, Muon, micro-batch) eagerly and compiled as train.py compiles (static
+    shapes), three steps each on one batch from the same weights: the losses must agree."""
+    cfg = default_run(plan)
+    batch = random_batch(cfg.dry_run_vocab, cfg.batch_size, cfg.block_size, device)
+    losses, first = {}, {}
+    for name in ("eager", "compiled"):
+        raw = preset_model(plan, cfg, device)
+        step, _ = trainer(raw, cfg, amp, batch, torch.compile(raw, dynamic=False, backend=plan.backend)
+                          if name == "compiled" else None)
+        sync(device)
+        t0 = time.perf_counter()
+        losses[name] = [step()[0]]
+        first[name] = time.perf_counter() - t0  # compiled: the compilation
+        losses[name] += [step()[0] for _ in range(2)]
+    diff = max(abs(a - b) for a, b in zip(losses["eager"], losses["compiled"]))
+    return {"micro-batch": f"{cfg.batch_size}x{cfg.block_size}", "dtype": dtype_name(amp), "backend": plan.backend,
+            "first step s, eager": first["eager"], "first step s, compiled": first["compiled"],
+            "last loss, eager": losses["eager"][-1], "last loss, compiled": losses["compiled"][-1],
+            "max loss difference": diff,
+            # half precision: fused kernels round differently; a miscompiled step is off by far more
+            "ok": diff <= 1e-2 * losses["eager"][0]}
+
+
+def precision_steps(plan, cfg, amp, device, row):
+    """Five of train.py's steps in autocast dtype amp: finite losses, the first one within 1% of fp32's on the same
+    weights and batch, and at least one update applied (a GradScaler skips those that overflow fp16)."""
+    row["estimate GiB"] = preset_estimate(plan, cfg, amp)[2] / 2**30
+    model = preset_model(plan, cfg, device)
+    batch = random_batch(cfg.dry_run_vocab, cfg.batch_size, cfg.block_size, device)
+    with torch.no_grad():
+        reference = model(batch[:, :-1], batch[:, 1:])[1].item()
+    step, scaler = trainer(model, cfg, amp, batch)
+    losses, applied = zip(*(step() for _ in range(5)))
+    return {"params (M)": model.num_params()["total"] / 1e6, "micro-batch": f"{cfg.batch_size}x{cfg.block_size}",
+            "fp32 first loss": reference, "first loss": losses[0], "last loss": losses[-1],
+            "updates applied": sum(applied), "grad scale": scaler.get_scale() if scaler.is_enabled() else None,
+            "ok": all(map(math.isfinite, losses)) and abs(losses[0] - reference) <= 1e-2 * reference and any(applied)}
+
+
+def check_precision(plan, device):
+    """bf16 autocast on train.py's default run (where the GPU has bf16), and fp16 with a GradScaler as
+    config/mini_t4.py trains (its model, micro-batch and settings)."""
+    rows = []
+    mini = preset_settings(os.path.join(ROOT, "config", "mini_t4.py"), plan)
+    default = default_run(plan)
+    for what, cfg, amp in (("bf16 autocast, train.py's default", default, torch.bfloat16),
+                           ("fp16 + GradScaler, mini_t4", mini, torch.float16)):
+        row = {"check": what}
+        if isinstance(cfg, str):
+            row.update(ok=False, note=cfg)
+        elif device == "cuda" and amp == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            row.update(note="skipped: this GPU has no bfloat16")
+        else:
+            run_check(row, device, precision_steps, plan, cfg, amp, device, row)
+        rows.append(row)
+    return rows
+
+
+def preset_estimate(plan, cfg, amp):
+    """((batch, context) of cfg's largest micro-batch over its curriculum, parameters, train.py's dry-run estimate
+    there in bytes), as train.py's describe() computes it, on a model of shapes only."""
+    T, B = max((stage_at(cfg, it) for it in [0] + [s[0] for s in cfg.seq_curriculum]), key=lambda tb: tb[0] * tb[1])
+    shapes = preset_model(plan, cfg, "meta")
+    return (B, T), shapes.num_params()["total"], sum(shapes.estimate_memory(B, T, 2 if amp else 4).values())
+
+
+def measure_preset(plan, cfg, device, row):
+    """row += the estimate (preset_estimate); then two of train.py's optimizer steps at that micro-batch, eager (what
+    the estimate models): the second runs with AdamW's moments alive, the steady state -> the peak allocated above
+    what was allocated before (None off CUDA)."""
+    amp = check_amp(device, cfg.dtype)
+    (B, T), params, estimate = preset_estimate(plan, cfg, amp)
+    row |= {"params (M)": params / 1e6, "micro-batch": f"{B}x{T}", "dtype": dtype_name(amp),
+            "grad_checkpoint": cfg.grad_checkpoint, "estimate GiB": estimate / 2**30}
+    base = torch.cuda.memory_allocated(device) if device == "cuda" else 0
+    step, _ = trainer(preset_model(plan, cfg, device), cfg, amp, random_batch(cfg.dry_run_vocab, B, T, device))
+    losses = [step()[0] for _ in range(2)]
+    if device != "cuda":
+        return {"measured GiB": None, "ok": all(map(math.isfinite, losses))}
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    return {"measured GiB": peak, "measured / estimate": peak / row["estimate GiB"],
+            "ok": all(map(math.isfinite, losses))}
+
+
+def check_memory(plan, device):
+    """Every config/*.py that train.py trains from scratch, one at a time from an emptied allocator."""
+    rows = []
+    for file in sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py")):
+        cfg = preset_settings(os.path.join(ROOT, "config", file), plan)
+        row = {"preset": file.removesuffix(".py")}
+        if isinstance(cfg, str):
+            row["note"] = cfg
+        else:
+            run_check(row, device, measure_preset, plan, cfg, device, row)
+        rows.append(row)
+    return rows
+
+
+def gpu_peak(device, amp):
+    """(FLOP/s, where it comes from): the datasheet's for a GPU in GPU_PEAKS, else the measured matmul rate."""
+    name = torch.cuda.get_device_name(device) if device == "cuda" else device
+    for pattern, tflops in GPU_PEAKS.items():
+        if re.fullmatch(pattern, name):
+            return tflops * 1e12, f"datasheet ({name})"
+    return peak_flops(device, amp), f"measured: {name} is not in GPU_PEAKS"
+
+
+def nano_mfu(plan, device, amp):
+    """Forge-1 Nano's training step as train.py runs it on a GPU (compiled, autocast, AdamW), at bench's Nano size
+    (8 x 1024, no activation checkpointing; halved until the estimate fits in 90% of the free memory, a margin for
+    the compiled step): tokens/s, and MFU: 6N plus attention FLOPs per token (model.flops_per_token, train.py's
+    MFU) over the peak, the datasheet's and the measured matmul rate."""
+    cfg = check_settings(plan, optimizer="adamw", learning_rate=3e-4)
+    model = build_model(asdict(plan.nano), device=device)
+    B, T = plan.nano_batch, plan.nano.block_size
+    free = torch.cuda.mem_get_info(device)[0] if device == "cuda" else math.inf
+    while B > 1 and sum(model.estimate_memory(B, T, 2 if amp else 4).values()) > 0.9 * free:
+        B //= 2
+    step, _ = trainer(model, cfg, amp, random_batch(plan.nano.vocab_size, B, T, device),
+                      torch.compile(model, dynamic=False, backend=plan.backend))
+    seconds = race({"nano": step}, plan.reps, warmup=3, device=device)["nano"]
+    flops = model.flops_per_token(T) * B * T / seconds
+    peak, source = gpu_peak(device, amp)
+    measured = peak_flops(device, amp)
+    return {"params (M)": model.num_params()["total"] / 1e6, "micro-batch": f"{B}x{T}", "dtype": dtype_name(amp),
+            "ms/step": seconds * 1e3, "tokens/s": B * T / seconds, "peak TFLOP/s": peak / 1e12, "peak": source,
+            "MFU %": 100 * flops / peak, "measured peak TFLOP/s": measured / 1e12,
+            "MFU % of measured": 100 * flops / measured}
+
+
+def decode_speed(plan, model_args, device):
+    """Prefill and decode tokens/s of model.generate, batch 1, greedy, in the weights' dtype sample.py takes
+    (inference_dtype): the medians of plan.reps runs after a warm-up."""
+    model = build_model(model_args, device=device)
+    dtype = inference_dtype(device, "auto", model.num_params()["total"])
+    model.eval().to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(model.config.vocab_size, (plan.prompt,), generator=generator).tolist()
+    runs = [run_cached(model, prompt, plan.new_tokens)[1] for _ in range(plan.reps + 1)][1:]
+    return {"params (M)": model.num_params()["total"] / 1e6, "dtype": dtype_name(dtype),
+            "prompt + new tokens": f"{plan.prompt} + {plan.new_tokens}",
+            "prefill tok/s": statistics.median(plan.prompt / (c[1] - c[0]) for c in runs),
+            "decode tok/s": statistics.median((len(c) - 2) / (c[-1] - c[1]) for c in runs)}
+
+
+def gpu_check(device, smoke=False):
+    """The GPU check -> {check: rows}, each table printed as it completes (CHECK_TITLES says what each one is)."""
+    plan, amp = check_plan(smoke), check_amp(device, "auto")
+    default = preset_model(plan, default_run(plan), "meta").config
+    checks = {
+        "compile": lambda: [run_check({"model": "train.py's default"}, device, compare_compiled, plan, device, amp)],
+        "precision": lambda: check_precision(plan, device),
+        "memory": lambda: check_memory(plan, device),
+        "mfu": lambda: [run_check({"model": "nano"}, device, nano_mfu, plan, device, amp)],
+        "decode": lambda: [run_check({"model": name}, device, decode_speed, plan, asdict(config), device)
+                           for name, config in (("train.py's default", default), ("nano", plan.nano))]}
+    results = {}
+    for name, check in checks.items():
+        results[name] = check()
+        print_table(f"gpu check: {CHECK_TITLES[name]}", results[name])
+    return results
+
+
+def failed_checks(results):
+    """'table row' (the row's first column) for every row of a GPU check's results that failed."""
+    return [f"{name} {next(iter(row.values()))}" for name, rows in results.items() if name in CHECK_TITLES
+            for row in rows if row.get("ok") is False]
+
+
 # ----------------------------------------------------------------------------- output
 
 def fmt(value):
@@ -549,6 +873,8 @@ def parse_args(argv):
     p.add_argument("--data_mb", type=int, help="megabytes of text for the tokenization benchmark")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--gpu_check", action="store_true",
+                   help="check this CUDA GPU instead (compile, bf16/fp16, preset memory, MFU, decoding): minutes")
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     if unknown := set(args.sections) - set(SECTIONS):
@@ -564,6 +890,11 @@ def parse_args(argv):
     for flag in ("batch_size", "block_size", "new_tokens", "reps", "data_mb", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
+    if args.gpu_check:
+        if not torch.cuda.is_available():
+            raise UserError(f"no CUDA GPU here: --gpu_check measures one (torch {torch.__version__}, "
+                            f"{f'CUDA {torch.version.cuda}' if torch.version.cuda else 'a build without CUDA'})")
+        args.device = "cuda"  # whatever --device says: the check is the GPU's
     if args.device not in ("auto", "cpu", "cuda", "mps"):  # the sections tell devices apart by these names
         raise UserError(f"unknown device {args.device!r}: choose auto, cpu, cuda or mps")
     args.device = resolve_device(args.device)
@@ -585,12 +916,14 @@ def main(argv=None):
            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
            "load average": round(os.getloadavg()[0], 2), "torch": torch.__version__, "dtype": args.dtype,
-           "compile": args.compile}
+           "compile": None if args.gpu_check else args.compile}  # the GPU check compiles where train.py does
     print(", ".join(f"{k}: {v}" for k, v in env.items() if v is not None))
     results, t0 = {"env": env}, time.perf_counter()
     runners = {"peak": bench_peak, "train": bench_train, "generate": bench_generate, "memory": bench_memory,
                "data": lambda a, p: bench_data(a, p, results.get("train", []))}
-    for section in SECTIONS:  # in this order: data compares with train's results
+    if args.gpu_check:
+        results |= gpu_check("cuda")
+    for section in [] if args.gpu_check else SECTIONS:  # in this order: data compares with train's results
         if section in args.sections:
             results[section] = runners[section](args, plan)
             print_table(TITLES.get(section, section), results[section])
@@ -599,6 +932,8 @@ def main(argv=None):
     print(f"\n{env['seconds']} s, load average {env['load average']} before, {env['load average after']} after")
     if args.json:
         save_json(results, args.json)
+    if args.gpu_check and (failed := failed_checks(results)):
+        raise UserError(f"gpu check: {len(failed)} failed ({', '.join(failed)}): the tables above say why")
 
 
 if __name__ == "__main__":

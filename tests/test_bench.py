@@ -1,16 +1,20 @@
 """bench.py: the quick run completes and its numbers are finite, positive and consistent with each other (the
 rates with the times, the ratios with the rates, MFU with the measured peak; no timing assertions: CI machines
 are noisy), its peer computes what we compute, and bad flags get a one-line error."""
+import glob
 import importlib.util
 import json
 import math
+import os
 from dataclasses import replace
 
 import pytest
+import torch
 
 import bench
-from common import run_main
-from conftest import run_script
+import train
+from common import UserError, run_main
+from conftest import ROOT, run_script
 
 
 def numbers(tree):
@@ -126,3 +130,79 @@ def test_a_preset_trains_as_train_py_runs_it(tmp_path):
     assert all(s[2] is None for s in shapes) and cfg["n_embd"] == 32
     assert cfg["seq_curriculum"] == [(10, 16, 4), (100, 32, 3)]  # the preset's settings, as train.py ran them
     assert cfg["max_iters"] == 2 and cfg["device"] == "cpu"  # in a short run on the requested device
+
+
+# ----------------------------------------------------------------------------- the GPU check
+
+def test_gpu_check_without_cuda_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)  # so on a GPU machine too
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(bench.main, ["--gpu_check", "--json", "never-written.json"])
+    text = exit_info.value.code  # a message: exit status 1
+    assert isinstance(text, str) and text.startswith("bench.py: error: no CUDA GPU here: ") and "\n" not in text
+
+
+def test_train_settings_are_train_pys():
+    """The GPU check reads train.py's defaults from its source (bench.py imports no script): the same as train.py's."""
+    defaults, architecture = bench.train_settings()
+    assert defaults == train.DEFAULTS and architecture == train.ARCHITECTURE
+
+
+def test_preset_estimate_is_the_dry_runs(capsys):
+    """The memory check's estimate is the one `train.py --dry_run` prints, at the largest micro-batch of the preset's
+    curriculum (yxanul_4090's last stage), bf16 as the dry run assumes of a GPU."""
+    train.main(["config/yxanul_4090.py", "--dry_run", "--data_dir=/nonexistent"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("memory estimate"))
+    plan = bench.check_plan(smoke=False)
+    (batch, context), _, estimate = bench.preset_estimate(
+        plan, bench.preset_settings(os.path.join(ROOT, "config", "yxanul_4090.py"), plan), torch.bfloat16)
+    assert f"= {estimate / 2**30:.2f} GiB (micro-batch {batch} x {context} tokens, bfloat16" in line
+
+
+def test_a_failed_check_is_its_rows_not_the_runs():
+    """An exception (a compiler missing, a driver error) or running out of memory fails that row, in one line."""
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    def broken():
+        raise RuntimeError("no C++ compiler\nfound on PATH")
+    rows = [bench.run_check({"model": "a", "estimate GiB": 3.0}, "cpu", out_of_memory),
+            bench.run_check({"model": "b"}, "cpu", broken),
+            bench.run_check({"model": "c"}, "cpu", lambda: {"ok": True})]
+    assert rows[0]["ok"] is False and rows[0]["note"].startswith("out of memory")  # on a CPU: nothing is too big
+    assert rows[1] == {"model": "b", "ok": False, "note": "RuntimeError: no C++ compiler"}
+    assert rows[2] == {"model": "c", "ok": True}
+    assert bench.failed_checks({"compile": rows}) == ["compile a", "compile b"]
+
+
+def test_gpu_check_runs_on_a_cpu_at_toy_sizes(monkeypatch):
+    """The GPU check's code at toy sizes (smoke: one tiny layer, dynamo's eager backend): every check passes, every
+    preset train.py trains from scratch gets its estimate and two real steps, and the rates are consistent."""
+    peak = 1e11  # device.peak_flops is tested in test_device.py; a CPU's emulated bf16 takes seconds to measure
+    monkeypatch.setattr(bench, "peak_flops", lambda device, dtype=None: peak)
+    results = bench.gpu_check("cpu", smoke=True)
+    assert bench.failed_checks(results) == []
+    (compiled,) = results["compile"]
+    assert compiled["ok"] and compiled["max loss difference"] <= 1e-4 * compiled["last loss, eager"]
+    bf16, fp16 = results["precision"]
+    assert bf16["ok"] and fp16["ok"] and fp16["grad scale"] > 0 and fp16["updates applied"] >= 1
+    assert fp16["first loss"] == pytest.approx(fp16["fp32 first loss"], rel=1e-2)
+    trains = set()
+    for path in sorted(glob.glob(os.path.join(ROOT, "config", "*.py"))):
+        try:
+            if train.settings([path])[1] is None:  # not a fine-tuning (its model is its checkpoint's)
+                trains.add(os.path.basename(path)[:-3])
+        except UserError:  # another script's settings, or a fine-tuning without its checkpoint
+            pass
+    assert {r["preset"] for r in results["memory"] if "estimate GiB" in r} == trains
+    for row in results["memory"]:
+        assert row["preset"] in trains or row["note"]
+        assert row["preset"] not in trains or (row["ok"] and row["estimate GiB"] > 0 and row["measured GiB"] is None)
+    assert next(r for r in results["memory"] if r["preset"] == "mini_t4")["dtype"] == "float16"
+    (mfu,) = results["mfu"]
+    batch, context = map(int, mfu["micro-batch"].split("x"))
+    assert mfu["tokens/s"] == pytest.approx(batch * context / (mfu["ms/step"] / 1e3))
+    flops = bench.Forge(bench.check_plan(smoke=True).nano).flops_per_token(context)
+    assert mfu["MFU %"] == pytest.approx(100 * flops * mfu["tokens/s"] / peak)
+    assert [r["model"] for r in results["decode"]] == ["train.py's default", "nano"]
+    assert all(math.isfinite(r["decode tok/s"]) and r["decode tok/s"] > 0 for r in results["decode"])
