@@ -14,7 +14,7 @@ Sections:
   generate  batch 1, greedy: prefill and decode tokens/s at prompt + output lengths of 256/512/1024:
             model.py with its KV cache, model.py recomputing the whole sequence every step (what nanoGPT's
             sample.py does), LlamaForCausalLM.generate with its cache, and (where llama_cpp is importable)
-            llama.cpp on `export.py --format gguf` of the same weights, at f32 and q8_0, each in a child
+            llama.cpp on `export.py --format gguf` of the same weights, at f32, q8_0 and q4_0, each in a child
             process (one that crashes is left out, with a warning)
   data      data.get_batch (train.py's batches) from the token files against the batches a training step
             consumes, and `python prepare.py FILE` on a generated text of 20 MB, at the rate it reports
@@ -182,8 +182,8 @@ def load_llama_cpp(path, f32_cache, **kwargs):
 
 def llama_cpp_contenders(ours, lengths):
     """{name: a Child holding a llama_cpp.Llama} on `export.py --format gguf` of our weights, at float32 (with a
-    float32 KV cache: the same maths as ours) and at q8_0 (llama.cpp's default float16 KV cache: what its users
-    run); {} when llama-cpp-python is not installed. Same threads as torch; flash attention off, its default for
+    float32 KV cache: the same maths as ours) and at q8_0 and q4_0 (llama.cpp's default float16 KV cache: what its
+    users run); {} when llama-cpp-python is not installed. Same threads as torch; flash attention off, its default for
     llama-cpp-python. Each runs in a child process, so that a native crash leaves that contender out, not the run."""
     if importlib.util.find_spec("llama_cpp") is None:
         return {}
@@ -191,7 +191,7 @@ def llama_cpp_contenders(ours, lengths):
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "ckpt.pt")
         save_checkpoint({"model": ours.state_dict(), "model_args": asdict(ours.config), "tokenizer": "byte"}, ckpt)
-        for dtype in ("float32", "q8_0"):
+        for dtype in ("float32", "q8_0", "q4_0"):
             name = f"llama.cpp {dtype.replace('float', 'f')}"
             run_script("export.py", "--format", "gguf", "--dtype", dtype, "--ckpt", ckpt, "--out_dir", tmp)
             try:  # the whole file is read at load: the temporary folder can go

@@ -38,7 +38,8 @@ def test_quick_run_reports_finite_positive_numbers(tmp_path):
         assert values and all(math.isfinite(v) and v > 0 for v in values), section
     assert {r["model"] for r in results["train"]} == {"ours", "peer"}
     check_train_rows(results)
-    llama_cpp = {"llama.cpp f32", "llama.cpp q8_0"} if importlib.util.find_spec("llama_cpp") else set()  # anchors
+    llama_cpp = ({"llama.cpp f32", "llama.cpp q8_0", "llama.cpp q4_0"}  # the anchors
+                 if importlib.util.find_spec("llama_cpp") else set())
     assert {r["model"] for r in results["generate"]} == {"ours, KV cache", "ours, recompute", "peer generate",
                                                          *llama_cpp}
     # same weights, same prompt, greedy: the peer is the same model, so the comparison is fair
