@@ -49,8 +49,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim, eps):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
@@ -66,7 +65,7 @@ def rope_tables(cfg):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, heads, T, head_dim) by its position's angles; cos/sin are (T, head_dim)."""
+    """Rotate x (B, heads, T, head_dim) by its positions' angles; cos/sin are (B or 1, 1, T, head_dim)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin  # the rotated half
 
@@ -105,17 +104,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin, caches=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        # A prompt (T > 1) attends causally, a new token to everything cached; enable_gqa shares K/V without copies
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        # A prompt (T > 1) attends causally, a new token to everything cached; enable_gqa shares K/V without copies.
+        # Each cache's rows attend to its keys alone, so generations of different lengths decode together (serve.py)
+        rows = [c.k.size(1) for c in caches] if caches else [B]
+        ys = [F.scaled_dot_product_attention(qc, *(c.update(self.layer, kc, vc) if c else (kc, vc)), is_causal=T > 1,
+                                             enable_gqa=True, dropout_p=self.dropout if self.training else 0.0)
+              for c, qc, kc, vc in zip(caches or [None], q.split(rows), k.split(rows), v.split(rows))]
+        y = ys[0] if len(ys) == 1 else torch.cat(ys)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -141,8 +142,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache))
+    def forward(self, x, cos, sin, caches=None):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, caches))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -154,8 +155,7 @@ class ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, rows, grads):
-        total = 0
-        grad_x, grad_w = (torch.empty_like(x), torch.zeros_like(weight)) if grads else (None, None)
+        total, (grad_x, grad_w) = 0, (torch.empty_like(x), torch.zeros_like(weight)) if grads else (None, None)
         for i in range(0, len(x), rows):
             xc, tc, keep = x[i:i + rows], targets[i:i + rows, None].clamp(min=0), targets[i:i + rows, None] != -1
             logp = F.linear(xc, weight).float().log_softmax(-1)
@@ -183,9 +183,8 @@ class Forge(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        cos, sin = rope_tables(cfg)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        for name, table in zip(("rope_cos", "rope_sin"), rope_tables(cfg)):
+            self.register_buffer(name, table, persistent=False)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=0.02)
@@ -204,22 +203,23 @@ class Forge(nn.Module):
     def device(self):
         return self.rope_cos.device
 
-    def forward(self, idx, targets=None, cache=None, reduction="mean"):
+    def forward(self, idx, targets=None, caches=None, reduction="mean"):
         """idx (B, T) token ids -> (logits, loss). Without targets, the last position's logits (B, 1, V): all that
-        generation needs. With targets, the loss alone (logits None), a chunk at a time. Targets of -1 are ignored:
-        "mean" averages over the others, "none" gives each position's loss (B, T), 0 where ignored (rl.py's)."""
+        generation needs (caches: KV caches whose rows in turn are idx's). With targets, the loss alone, a chunk at a
+        time; targets of -1 are ignored: "mean" averages the others, "none" gives each position's, (B, T), 0 if so."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        starts = [c.pos for c in caches for _ in range(c.k.size(1))] if caches else [0]  # each row's position
+        if max(starts) + T > self.config.block_size:
+            raise ValueError(f"sequence of {max(starts) + T} tokens exceeds block_size={self.config.block_size}")
+        at = torch.tensor(starts, device=idx.device)[:, None, None] + torch.arange(T, device=idx.device)  # (B, 1, T)
+        cos, sin = self.rope_cos[at], self.rope_sin[at]
         x = self.tok_emb(idx)
         x = self.drop(self.emb_proj(x) if self.config.emb_rank else x)
         recompute = self.config.grad_checkpoint and self.training  # each block again in backward: less memory
         for block in self.blocks:
-            x = checkpoint(block, x, cos, sin, use_reentrant=False) if recompute else block(x, cos, sin, cache)
-        if cache is not None:
-            cache.pos += T
+            x = checkpoint(block, x, cos, sin, use_reentrant=False) if recompute else block(x, cos, sin, caches)
+        for c in caches or []:
+            c.pos += T
         x = self.norm(x) if targets is not None else self.norm(x)[:, -1:, :]
         if self.config.emb_rank:  # the tied output matrix: E^T = B^T @ A^T, applied right to left
             x = F.linear(x, self.emb_proj.weight.t())
@@ -253,7 +253,7 @@ class Forge(nn.Module):
         cache = KVCache(self.config, B, max_len, idx.device, dtype)
         live = list(range(B))  # the row of the caller's batch that each row of the running batch belongs to
         for _ in range(max_len - T):
-            logits, _ = self(idx, cache=cache)
+            logits, _ = self(idx, caches=[cache])
             next_ids = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)
             tokens = next_ids.tolist()  # one device sync per step
             if force and (forced := force(live, tokens)) != tokens:

@@ -13,9 +13,10 @@ Serve a trained model over HTTP: the OpenAI chat API, and a chat page for the br
     GET  /health               {"status": "ok", ...}, without a key
     GET  /                     the chat page, static/chat.html: one file, no build step, works offline
 
-The standard library's ThreadingHTTPServer: a thread per connection reads and checks its request, then waits
-for the one model lock, so generations run one at a time and never share a KV cache. Replies come from
-replies.generate_reply, and the conversation is fitted to the context as chat.py does (tokenizer.fit_to_window).
+The standard library's ThreadingHTTPServer: a thread per connection reads and checks its request, waits for a place
+in the batch, then generates its reply with replies.generate_reply (model.generate: its own KV cache, sampling and
+stop tokens), the conversation fitted to the context as chat.py does (tokenizer.fit_to_window). The replies decode
+together (continuous batching, Engine): one decode thread runs the model for all of them, a forward pass a token.
 A request must name this server in its Host header (localhost, an IP address, --host or --allowed_hosts), so a web
 page that points its own name at this machine (DNS rebinding) is refused: its requests carry that name.
 """
@@ -25,6 +26,7 @@ import hmac
 import ipaddress
 import json
 import os
+import queue
 import re
 import select
 import socket
@@ -37,6 +39,8 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
+
+import torch
 
 from common import UserError, run_main
 from inference import (add_model_args, add_sampling_args, checkpoint_path, load_model, make_generator, prompt_budget,
@@ -51,6 +55,7 @@ MAX_BODY_BYTES = 1 << 20
 DRAIN_BYTES = 16 * MAX_BODY_BYTES  # a refused body up to this size is read and dropped, keeping the connection
 MAX_MESSAGES = 256  # fitting re-renders the conversation once per dropped exchange: keep that bounded
 MAX_STOPS = 4       # as OpenAI's API
+MAX_BATCH = 16      # replies decoded together; more wait for a place in the batch
 MAX_WAITING = 64    # requests queued for the model past this are turned away (503) instead of piling up
 SOCKET_TIMEOUT = 30  # seconds a client may stall mid-request (or idle between requests on a kept-alive connection)
 REASONING = ("auto", "on", "off")
@@ -258,15 +263,36 @@ class Answer:
         self.release(len(self.content))
 
 
+class Seat:
+    """A request's place in the batch. Its reply is generated in the request's own thread by model.generate, as ever,
+    but the model's forward passes there are the decode thread's to run (Engine.forward): with the other replies'."""
+
+    def __init__(self):
+        self.given = self.left = self.started = False  # a place given; the place left; a first forward pass asked
+        self.call, self.results = None, queue.SimpleQueue()  # the forward pass asked for (idx, caches); its logits
+
+
 class Engine:
-    """The model behind one lock: one generation at a time, the others waiting their turn (at most MAX_WAITING,
-    each no longer than its time limit)."""
+    """The model and the replies it generates together (continuous batching): each reply decodes in its request's
+    thread (model.generate, its own KV cache, sampling, stop tokens and thinking budget), and a decode thread runs
+    their forward passes, a new reply's prompt at once, and the next token of all the others as one batch (a list
+    of caches: model.py) once each has asked for it. It holds the model (self.lock) while any request has a place;
+    at most MAX_BATCH at once, the others waiting their turn (at most MAX_WAITING, each no longer than its time
+    limit). A reply joins at the next step and leaves when it ends, its client hangs up or its time runs out."""
 
     def __init__(self, model, enc, model_id, defaults, seed, timeout):
         self.model, self.enc, self.model_id = model, enc, model_id
         self.defaults, self.timeout = defaults, timeout
-        self.generator = make_generator(model, seed)  # for requests without a seed; used only under the lock
-        self.lock, self.count_lock, self.waiting = threading.Lock(), threading.Lock(), 0
+        self.generator = make_generator(model, seed)  # for requests without a seed: torch locks it for each draw
+        self.run, model.forward = model.forward, self.forward  # generate's forward passes come to the decode thread
+        self.lock = threading.Lock()  # held by the decode thread while requests hold or wait for places: busy
+        self.changed = threading.Condition()  # guards the lists below and the seats' fields
+        self.seats, self.queue, self.local = [], [], threading.local()  # in the batch; waiting; a thread's seat
+        threading.Thread(target=self.decode, name="decode", daemon=True).start()
+
+    @property
+    def waiting(self):
+        return len(self.queue)
 
     def prompt(self, req):
         """The conversation fitted to the context as chat.py fits it: room for the reply (max_tokens, at most
@@ -285,27 +311,86 @@ class Engine:
 
     @contextlib.contextmanager
     def turn(self, deadline):
-        """Hold the model: wait for the lock until deadline (ApiError 503 when the queue is full or time runs out)."""
-        with self.count_lock:
-            if self.waiting >= MAX_WAITING:
-                raise ApiError(503, f"the server is busy ({self.waiting} requests waiting): try again later",
+        """A place in the batch: wait for one until deadline (ApiError 503 when the queue is full or time runs out)."""
+        seat = self.local.seat = Seat()
+        with self.changed:
+            if len(self.queue) >= MAX_WAITING:
+                raise ApiError(503, f"the server is busy ({len(self.queue)} requests waiting): try again later",
                                headers={"Retry-After": "1"})
-            self.waiting += 1
-        try:
-            got = self.lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
-        finally:
-            with self.count_lock:
-                self.waiting -= 1
-        if not got:
-            raise ApiError(503, f"the model stayed busy for the request's whole time limit ({self.timeout:g} s)",
-                           headers={"Retry-After": "1"})
+            self.queue.append(seat)
+            self.changed.notify_all()
+            if not self.changed.wait_for(lambda: seat.given, max(0.0, deadline - time.monotonic())):
+                self.queue.remove(seat)
+                raise ApiError(503, f"the model stayed busy for the request's whole time limit ({self.timeout:g} s)",
+                               headers={"Retry-After": "1"})
         try:
             yield
         finally:
-            self.lock.release()
+            self.post(seat, left=True)
+
+    def post(self, seat, **fields):
+        """A request's news for the decode thread: seat's fields set. Only the decode thread waits for news, so it is
+        woken only when it has something to do: once a step, not once for each reply asking for its next token."""
+        with self.changed:
+            vars(seat).update(fields)
+            if self.due():
+                self.changed.notify_all()
+
+    def forward(self, idx, caches):
+        """model.forward while serving, called by model.generate in a request's thread: a prompt, or the next token,
+        of one reply, run by the decode thread with the other replies' -> (logits, None)."""
+        seat = self.local.seat
+        self.post(seat, call=(idx, caches))
+        logits = seat.results.get()
+        if isinstance(logits, Exception):
+            raise RuntimeError("the batch's forward pass failed") from logits
+        return logits, None
+
+    def decode(self):
+        """The decode thread: idle until a request waits, then holding the model until none has or waits for a place."""
+        while True:
+            with self.changed:
+                self.changed.wait_for(lambda: self.queue)
+            with self.lock, torch.inference_mode():
+                while self.seats or self.queue:
+                    self.step()
+
+    def due(self):
+        """Whether the decode thread has something to do: a place to give, a seat to clear, a new reply's prompt to
+        run, the next token of all the others (each has asked for it) or nothing left."""
+        started = [s for s in self.seats if s.started]
+        return (self.queue and len(self.seats) < MAX_BATCH or not (self.seats or self.queue)
+                or any(s.left or (s.call and not s.started) for s in self.seats)
+                or started and all(s.call for s in started))
+
+    def step(self):
+        """Once something is due: give places, clear the seats of replies that have ended, run each new reply's
+        prompt alone (so its first token comes at once) and, once every other reply has asked for its next
+        token, those of them all in one forward pass."""
+        with self.changed:
+            self.changed.wait_for(self.due)
+            while self.queue and len(self.seats) < MAX_BATCH:
+                self.seats.append(self.queue.pop(0))
+                self.seats[-1].given = True
+            self.changed.notify_all()
+            self.seats = [s for s in self.seats if not s.left]
+            started = [s for s in self.seats if s.started]
+            batch = [(s, s.call) for s in started] if started and all(s.call for s in started) else []
+            prompts = [(s, s.call) for s in self.seats if s.call and not s.started]
+            for s, _ in batch + prompts:
+                s.call, s.started = None, True
+        for calls in [batch] * bool(batch) + [[call] for call in prompts]:  # a forward pass each
+            idx, caches = zip(*(call for _, call in calls))
+            try:
+                logits, _ = self.run(torch.cat(idx), caches=[c for group in caches for c in group])
+                parts = logits.split([len(i) for i in idx])
+            except Exception as e:  # a bug, or out of memory: the replies in this pass fail (a 500), the server goes on
+                parts = [e] * len(calls)
+            for (s, _), part in zip(calls, parts):
+                s.results.put(part)
 
     def reply(self, prompt, req, emit, deadline, client_left):
-        """Generate under the lock -> (Answer, Reply). The reply ends early at a stop string ("stop"), when the
+        """Generate in the batch -> (Answer, Reply). The reply ends early at a stop string ("stop"), when the
         client has left ("left") or at the deadline ("time")."""
         answer = Answer(req.stops, emit)
 
@@ -623,6 +708,9 @@ def main():
     if not 0 <= args.port <= 65535:
         raise UserError("--port must be between 0 (any free port) and 65535")
     model, enc, _ = load_model(args)
+    # The decode thread and every reply's thread hand each other the GIL at every token: at Python's default 5 ms
+    # interval, a thread whose torch op has ended can wait that long for one running Python code (docs/serving.md)
+    sys.setswitchinterval(2e-4)
     model_id = checkpoint_path(args)
     engine = Engine(model, enc, model_id, sampling, args.seed, args.timeout)
     server = make_server(engine, args.host, args.port, args.api_key, allowed_hosts=allowed_hosts)

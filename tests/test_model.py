@@ -78,7 +78,7 @@ def greedy_with_cache(model, prompt, steps):
     idx = torch.tensor([prompt])
     ids, logits = [], []
     for _ in range(steps):
-        last, _ = model(idx, cache=cache)
+        last, _ = model(idx, caches=[cache])
         logits.append(last[0, -1])
         ids.append(int(last[0, -1].argmax()))
         idx = torch.tensor([[ids[-1]]])
@@ -228,6 +228,39 @@ def test_batched_generate_stops_at_max_new_tokens_and_block_size():
     assert [len(r) for r in decode(model, prompts, 1000)] == [32 - 3] * 3  # never past the window
     assert decode(model, prompts, 0) == [[], [], []]
     assert decode(model, batch_prompts(2, length=32), 10) == [[], []]
+
+
+def test_generations_with_their_own_caches_decode_together_as_they_would_alone():
+    """Continuous batching (serve.py): generations of different prompt lengths, each with its own KV cache, join at
+    different steps and leave after different numbers of tokens, sharing one forward pass a step (a list of caches,
+    each row at its own position, attending to its own keys): each gets the tokens it gets alone (generate), greedy
+    or sampled with its own seeded generator."""
+    model = varied_model()
+    joins = [(0, 3, 30), (0, 9, 12), (4, 5, 20), (7, 14, 25), (7, 6, 9), (16, 5, 6)]  # (step, prompt length, tokens)
+    runs = [dict(prompt=batch_prompts(1, length=n, seed=i)[0], start=s, tokens=[], steps=steps,
+                 sampling=dict(temperature=1.0, top_k=50) if i % 2 else dict(temperature=0)) for i, (s, n, steps) in
+            enumerate(joins)]
+    alone = [greedy_ids(model, r["prompt"], r["steps"], generator=torch.Generator().manual_seed(i), **r["sampling"])
+             for i, r in enumerate(runs)]
+    for i, r in enumerate(runs):
+        r["generator"] = torch.Generator().manual_seed(i)
+
+    def pick(r, logits):
+        r["tokens"].append(int(sample_next(logits[:, -1].float(), generator=r["generator"], **r["sampling"])))
+    widths = []
+    for step in range(40):
+        decoding = [r for r in runs if r["start"] < step and len(r["tokens"]) < r["steps"]]
+        if decoding:
+            idx = torch.tensor([[r["tokens"][-1]] for r in decoding])
+            logits, _ = model(idx, caches=[r["cache"] for r in decoding])
+            for r, row in zip(decoding, logits.split(1)):
+                pick(r, row)
+        for r in (r for r in runs if r["start"] == step):  # joining: the prompt fills the row's own cache
+            r["cache"] = KVCache(model.config, 1, len(r["prompt"]) + r["steps"], "cpu", torch.float32)
+            pick(r, model(torch.tensor([r["prompt"]]), caches=[r["cache"]])[0])
+        widths.append(len(decoding))
+    assert [r["tokens"] for r in runs] == alone and max(widths) == 5
+    assert len(set(alone[0])) > 5 and len(set(alone[3])) > 5
 
 
 def test_per_token_losses_are_the_mean_losss_terms():

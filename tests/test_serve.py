@@ -30,7 +30,7 @@ import serve
 from checkpoints import load_checkpoint
 from inference import make_generator
 from replies import generate_reply
-from conftest import BYTE, ROOT, SP, ScriptedModel, run_script, text_ids
+from conftest import BYTE, ROOT, SP, ScriptedModel, run_script, text_ids, tiny_model
 from tokenizer import fit_to_window, render_prompt
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
@@ -45,6 +45,8 @@ THINKING_REPLY = text_ids(THINKING) + [SP["<|/think|>"], SP["<|assistant|>"]] + 
 class Scripted(ScriptedModel):
     """ScriptedModel counting the tokens it yields and taking delay seconds for each: a model still generating
     when a client leaves or time runs out."""
+
+    forward = None  # serve.Engine takes over a model's forward passes: a scripted model makes none
 
     def __init__(self, script, delay=0.0):
         super().__init__(script)
@@ -359,6 +361,39 @@ def test_sixteen_concurrent_clients_get_the_replies_they_would_get_alone(live):
     with ThreadPoolExecutor(16) as pool:
         together = list(pool.map(lambda i: complete(live.url, stream=i % 2 == 0, **kwargs[i % 4])[:3], range(16)))
     assert together == [alone[i % 4] for i in range(16)]  # one shared KV cache would have mixed them up
+
+
+def test_concurrent_replies_share_the_batch_and_get_what_they_get_alone():
+    """Continuous batching with a real model: eight clients at once, prompts of different lengths, greedy and seeded
+    sampling, streamed or not, share the model's forward passes (several rows in one) and each gets the reply it
+    gets alone (tests/test_model.py's exactness, end to end)."""
+    model = tiny_model(seed=3, random_norms=True)
+    rows = []  # the rows of each forward pass
+    model.tok_emb.register_forward_hook(lambda module, args, out: rows.append(args[0].size(0)))
+    questions = ["Hi", "What is 12+30?", "Which is larger, 385 or 358?", "Count the letters in mississippi, please"]
+    cases = [dict(messages=[{"role": "user", "content": q}], max_tokens=16 + 4 * i, temperature=t, seed=seed)
+             for i, q in enumerate(questions) for t, seed in ((0.0, None), (0.9, 7 + i))]
+    with scripted_server(model) as srv:
+        alone = [complete(srv.url, **case)[:3] for case in cases]
+        assert set(rows) == {1}
+        with ThreadPoolExecutor(len(cases)) as pool:
+            together = list(pool.map(lambda i: complete(srv.url, stream=i % 2 == 0, **cases[i])[:3], range(len(cases))))
+    assert together == alone and max(rows) > 1
+    assert len({a[0] for a in alone}) > 4  # replies that differ: a mix-up between rows would show
+
+
+def test_a_failed_forward_pass_fails_its_reply_and_the_batch_goes_on():
+    model = tiny_model()
+    with scripted_server(model) as srv:
+        run = srv.engine.run
+
+        def fail_once(idx, caches):  # out of memory, say
+            srv.engine.run = run
+            raise RuntimeError("no memory left")
+        srv.engine.run = fail_once
+        status, _, error = request(srv.url, body=body())
+        assert status == 500 and error["error"]["message"].startswith("internal error")
+        assert complete(srv.url, max_tokens=4)[2] in ("stop", "length")
 
 
 def test_a_client_that_hangs_up_mid_stream_leaves_a_working_server(live):
