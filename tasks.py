@@ -2,7 +2,7 @@
 The built-in reasoning tasks: small problems with exact answers, their step-by-step traces, and the checks.
 
     add, sub, mul   column arithmetic, one traced line per column
-    sort, max       selection sort and a running maximum over short lists
+    sort, max       insertion sort and a running maximum over short lists
     count           how often a letter appears in a word, spelled letter by letter
     word            two-step word problems, each step traced like add/sub/mul
 
@@ -116,14 +116,24 @@ def task_mul(rng, d):
     return f"mul {a} {b}", q, mul_steps(a, b), str(a * b)
 
 
+def sort_steps(nums):
+    """Insertion sort, one line per number: the number (a one-digit one padded to two digits, 9=09), then the
+    numbers so far in order with it put in its place:  45, 3, 67 -> 45: 45 / 3=03: 03, 45 / 67: 03, 45, 67.
+    Every line copies the line above and compares one number with each of its neighbours there; the last line is
+    the answer. Padding gives every number the same width, so comparing 09 with 45 is digit by digit, like 39 with
+    45: unpadded, telling a one-digit number from the first digit of a two-digit one was the small model's usual
+    mistake (docs/training.md). The padding comes after the number is copied, where the model has seen it end."""
+    done, lines = [], []
+    for x in nums:
+        done = sorted(done + [x])
+        lines.append(f"{f'{x}={x:02d}' if x < 10 else x}: {', '.join(f'{y:02d}' for y in done)}")
+    return lines
+
+
 def task_sort(rng, d):
-    nums = [rng.randint(0, 99) for _ in range(rng.randint(3, d.list_len))]
-    rest, steps = list(nums), []
-    while rest:  # selection sort: the smallest of what is left, until nothing is
-        steps.append(f"{', '.join(map(str, rest))}: min {min(rest)}")
-        rest.remove(min(rest))
+    nums = [number(rng, 2) for _ in range(rng.randint(3, d.list_len))]  # 0-99, one-digit numbers half the time
     q = rng.choice(["Sort these numbers: {}", "Sort from smallest to largest: {}"]).format(", ".join(map(str, nums)))
-    return f"sort {nums}", q, steps, ", ".join(map(str, sorted(nums)))
+    return f"sort {nums}", q, sort_steps(nums), ", ".join(map(str, sorted(nums)))
 
 
 def task_max(rng, d):

@@ -44,14 +44,14 @@ def check_trace(task, question, thinking, answer):
     last = thinking.splitlines()[-1]
     if task in ("add", "sub", "mul", "word"):
         assert last.endswith(f", {answer}"), (question, thinking)
-    elif task == "sort":  # "45, 51, 2, 70: min 2": what is left and its minimum, until nothing is
-        rest, mins = list(solve(question)[1]), []
-        for line in thinking.splitlines():
-            listed, smallest = line.split(": min ")
-            assert listed == ", ".join(map(str, rest)) and int(smallest) == min(rest), (question, line)
-            mins.append(int(smallest))
-            rest.remove(int(smallest))
-        assert ", ".join(map(str, mins)) == answer and not rest
+    elif task == "sort":  # "3=03: 03, 45": each number in turn (one digit padded), then the numbers so far, in order
+        nums, lines = solve(question)[1], thinking.splitlines()
+        assert len(lines) == len(nums), (question, thinking)
+        for k, (x, line) in enumerate(zip(nums, lines)):
+            head, listed = line.split(": ")
+            assert head == (f"{x}={x:02d}" if x < 10 else str(x)), (question, line)
+            assert listed.split(", ") == [f"{y:02d}" for y in sorted(nums[:k + 1])], (question, line)
+        assert ", ".join(str(int(y)) for y in listed.split(", ")) == answer
     elif task == "max":
         assert last.endswith(f"-> {answer}")
     elif task == "count":
@@ -130,6 +130,17 @@ def test_difficulty_is_configurable():
         if task == "sort":
             longest["list"] = max(longest["list"], len(key))
     assert longest == {"addsub": 5, "mul_b": 2, "list": 7}
+
+
+def test_sort_lists_cover_what_people_type():
+    """Held-out sort lists hold one-digit numbers (all of them one-digit, too), duplicates, and every length."""
+    lists = [solve(question)[1] for task, question, _, _ in draws(1000, heldout=True) if task == "sort"]
+
+    def share(pred):
+        return sum(map(pred, lists)) / len(lists)
+    assert share(lambda xs: min(xs) < 10) > 0.7 and share(lambda xs: max(xs) < 10) > 0.05
+    assert share(lambda xs: min(xs) >= 10) > 0.05 and share(lambda xs: len(set(xs)) < len(xs)) > 0.1
+    assert {len(xs) for xs in lists} == {3, 4, 5}
 
 
 def test_check_answer():
