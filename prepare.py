@@ -44,8 +44,10 @@ from tokenizer import (BPE_FILE, MAX_BPE, MIN_BPE, SPECIAL_TOKENS, TOKENIZERS, p
 # which tasks how often, small talk, and the share answered without thinking.
 
 REASONING_EXAMPLES = 50_000  # default size: ~3.8M byte tokens, about what the default train.py run sees
-DIRECT_SHARE = 0.25          # --direct random: problems answered without thinking (<|no_think|>), whatever they are
-EASY_SHARE = 0.3             # --direct easy: the share of EASY_TASKS problems that are easy, and answered directly
+DIRECT_SHARE = 0.25          # problems answered without thinking (<|no_think|>) whatever they are (--direct easy: the
+                             # problems that are not easy), so that eval.py's no-think column has data behind it
+EASY_SHARE = 0.3             # --direct easy: the share of EASY_TASKS problems drawn easy (tasks.is_easy) ...
+EASY_DIRECT = 0.8            # ... and answered directly this often (else with their trace, so forced thinking has data)
 TASK_WEIGHTS = {"add": 3, "sub": 3, "mul": 3, "sort": 2, "count": 2, "max": 2, "word": 2, "smalltalk": 1}
 
 SMALLTALK = [  # (things a user says, things Forge answers): always answered without thinking
@@ -63,10 +65,11 @@ SMALLTALK = [  # (things a user says, things Forge answers): always answered wit
 ]
 
 
-def reasoning_documents(n, seed, difficulty, direct="random"):
+def reasoning_documents(n, seed, difficulty, direct="easy"):
     """n chat examples of the built-in dataset, deterministic for a seed. direct: which problems are answered
-    without thinking: "random" (DIRECT_SHARE of them, whatever they are: eval.py's no-think column has data behind
-    it) or "easy" (exactly the easy ones, tasks.is_easy: the model's choice to think then means something)."""
+    without thinking: "easy" (most easy ones, tasks.is_easy, and DIRECT_SHARE of the others: left to choose, the
+    model answers an easy problem directly and thinks on the rest) or "random" (DIRECT_SHARE of all, whatever they
+    are: the choice means nothing)."""
     rng = random.Random(seed)
     names, weights = list(TASK_WEIGHTS), list(TASK_WEIGHTS.values())
     for _ in range(n):
@@ -74,13 +77,11 @@ def reasoning_documents(n, seed, difficulty, direct="random"):
         if task == "smalltalk":
             says, answers = rng.choice(SMALLTALK)
             question, thinking, answer = rng.choice(says), None, rng.choice(answers)
-        elif direct == "easy":
-            easy = task in EASY_TASKS and rng.random() < EASY_SHARE
-            question, thinking, answer = sample_problem(task, rng, difficulty, heldout=False, easy=easy)
-            thinking = None if easy else thinking
         else:
-            question, thinking, answer = sample_problem(task, rng, difficulty, heldout=False)
-            if rng.random() < DIRECT_SHARE:
+            easy = direct == "easy" and task in EASY_TASKS and rng.random() < EASY_SHARE
+            question, thinking, answer = sample_problem(task, rng, difficulty, heldout=False,
+                                                        easy=easy if direct == "easy" else None)
+            if rng.random() < (EASY_DIRECT if easy else DIRECT_SHARE):
                 thinking = None
         yield [{"role": "user", "content": question}, {"role": "assistant", "content": answer, "thinking": thinking}]
 
@@ -789,8 +790,9 @@ def parse_args(argv):
     p.add_argument("--digits", type=int, default=Difficulty.digits, help="reasoning: add/sub/max digits")
     p.add_argument("--mul_digits", default="2x1", help="reasoning: AxB, up to A-digit times up to B-digit")
     p.add_argument("--list_len", type=int, default=Difficulty.list_len, help="reasoning: longest list")
-    p.add_argument("--direct", choices=("random", "easy"), default="random",
-                   help="reasoning: answer a random quarter of the problems without thinking, or the easy ones")
+    p.add_argument("--direct", choices=("easy", "random"), default="easy",
+                   help="reasoning: answer most easy problems and a quarter of the rest without thinking, or a "
+                        "random quarter of all")
     args = p.parse_args(argv)
     if args.max_samples is not None and args.max_samples < 1:
         p.error("--max_samples must be at least 1")

@@ -21,7 +21,7 @@ import prepare
 from common import UserError
 from conftest import BYTE, ROOT, needs_gpt2_ranks, run_script
 from prepare import REASONING_EXAMPLES, main, reasoning_documents
-from tasks import TASKS, Difficulty, heldout_items, sample_problem
+from tasks import EASY_TASKS, TASKS, Difficulty, heldout_items, sample_problem
 from data import load_data
 from tokenizer import GPT2_RANKS_ENV, get_tokenizer, read_bpe, render_conversation, train_bpe
 
@@ -109,14 +109,15 @@ def test_round_trip_masks_and_splits(default_run):
 
 
 def test_the_mix_of_tasks(default_run, monkeypatch):
-    """What the default data is made of. Which task asked a question is noted while the same documents are
-    generated again (the answers and traces of every task are checked in tests/test_tasks.py)."""
+    """What the default data is made of (--direct easy): every task with and without thinking, most easy problems
+    answered directly and a quarter of the others. Which task asked a question, and whether it was drawn easy, is
+    noted while the same documents are generated again (answers and traces are checked in tests/test_tasks.py)."""
     task_of = {}
 
-    def recording(task, rng, difficulty, heldout=False):  # tasks.sample_problem, noting which task asked what
+    def recording(task, rng, difficulty, heldout=False, easy=None):  # tasks.sample_problem, noting who asked what
         assert not heldout  # nothing held out is ever trained on
-        problem = sample_problem(task, rng, difficulty, heldout)
-        task_of[problem[0]] = task
+        problem = sample_problem(task, rng, difficulty, heldout, easy)
+        task_of[problem[0]] = task, bool(easy)
         return problem
     monkeypatch.setattr(prepare, "sample_problem", recording)
     collections.deque(reasoning_documents(REASONING_EXAMPLES, 1337, Difficulty()), maxlen=0)
@@ -125,32 +126,39 @@ def test_the_mix_of_tasks(default_run, monkeypatch):
     for ids, _ in read_split(out, "train") + read_split(out, "val"):
         question, thinking, _ = chat_of(ids)
         if question in task_of:
-            counts[task_of[question], thinking is not None] += 1
+            counts[(*task_of[question], thinking is None)] += 1
         else:  # small talk never thinks
             assert thinking is None
             counts["smalltalk"] += 1
-    for task in TASKS:  # every task appears both with and without thinking
-        assert counts[task, True] > 3 * counts[task, False] / 2 > 100
+
+    def direct_share(task, easy):
+        return counts[task, easy, True] / (counts[task, easy, True] + counts[task, easy, False])
+    for task in TASKS:  # every task's harder problems appear both with thinking and without
+        assert counts[task, False, False] > 3 * counts[task, False, True] / 2 > 100
+        assert 0.2 < direct_share(task, False) < 0.3
+    for task in EASY_TASKS:  # and its easy ones mostly without, so that a model left to choose skips thinking there
+        assert 0.75 < direct_share(task, True) < 0.85 and counts[task, True, False] > 50
     assert counts["smalltalk"] > 500
 
 
-def test_direct_easy_answers_exactly_the_easy_problems_without_thinking(tmp_path):
-    """--direct easy: a problem is answered directly if and only if it is easy (one-digit operands, or two numbers
-    to compare) or small talk, so that the model's choice to think means something."""
+def test_direct_random_answers_a_quarter_of_all_problems_without_thinking(tmp_path):
+    """--direct random: whatever the problem, a quarter without thinking; easy ones (one-digit operands, or two
+    numbers to compare, judged from the text alone) are no more likely to skip it than the rest."""
     def easy(question):
         nums = [int(n) for n in re.findall(r"\d+", question)]
         if question.startswith("Sort") or "letter" in question or "'s are in" in question:
             return False
         return len(nums) == 2 and ("larg" in question or max(nums) < 10)
     smalltalk = {say for says, _ in prepare.SMALLTALK for say in says}
-    main(["--max_samples", "3000", "--direct", "easy", "--out_dir", str(tmp_path)])
-    assert json.loads((tmp_path / "meta.json").read_text())["direct"] == "easy"
-    direct = 0
+    main(["--max_samples", "3000", "--direct", "random", "--out_dir", str(tmp_path)])
+    assert json.loads((tmp_path / "meta.json").read_text())["direct"] == "random"
+    counts = collections.Counter()
     for ids, _ in read_split(tmp_path, "train") + read_split(tmp_path, "val"):
         question, thinking, _ = chat_of(ids)
-        assert (thinking is None) == (easy(question) or question in smalltalk), question
-        direct += thinking is None
-    assert 0.15 < direct / 3000 < 0.35
+        if question not in smalltalk:
+            counts[easy(question), thinking is None] += 1
+    for is_easy in (True, False):
+        assert 0.15 < counts[is_easy, True] / (counts[is_easy, True] + counts[is_easy, False]) < 0.35
 
 
 def test_bins_reproduce_the_rendered_documents(tmp_path):
