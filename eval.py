@@ -28,12 +28,14 @@ from replies import generate_replies, generate_reply, is_correct
 from tasks import TASKS, difficulty_of, heldout_items
 from tokenizer import render_prompt
 
-SHOWCASE = [  # the seed designs' five prompts, then three that probe the built-in tasks and the model's identity
+SHOWCASE = [  # the seed designs' five prompts, then five that probe the built-in tasks and the model's identity
     "What is 15 * 23?",
     "If a train travels at 60 mph for 2.5 hours, how far does it go?",
     "Write a haiku about programming",
     "What is the capital of France?",
     "Sort these numbers: 5, 2, 8, 1, 9",
+    "Sort these numbers: 45, 3, 67, 12, 9",  # what people type: small numbers, mixed sizes (issue #25)
+    "Sort these numbers: 8, 3, 5, 1, 9",
     "What is 478 + 256?",
     "How many times does the letter r appear in strawberry?",
     "Who are you?",
@@ -198,8 +200,9 @@ def main():
     parser.add_argument("--data", help="a prepare.py folder for the val loss (default: the one the checkpoint "
                                        "was trained on, else data/reasoning)")
     parser.add_argument("--items", type=int, default=50, help="held-out problems per built-in task (0 = skip)")
-    parser.add_argument("--easy_share", type=float, default=0.0,
-                        help="share of easy problems (tasks.is_easy) in add/sub/mul/max's items; 0.58: a third of all")
+    parser.add_argument("--easy_share", type=float, default=0.58,
+                        help="share of easy problems (tasks.is_easy) in add/sub/mul/max's items: 0.58 (default) makes "
+                             "a third of all easy, as auto needs; 0: as the tasks draw them")
     parser.add_argument("--gsm8k", metavar="FILE", help="also score a GSM8K-style jsonl of {question, answer}")
     parser.add_argument("--gsm8k_items", type=int, default=None, help="score only the first N GSM8K records")
     parser.add_argument("--val_tokens", type=int, default=1_000_000, help="score at most this many val tokens")

@@ -13,7 +13,7 @@ from checkpoints import load_checkpoint
 from common import UserError
 from conftest import BYTE, SP, ScriptedModel, all_logits, run_script, text_ids, tiny_model
 from data import load_data, read_gsm8k
-from eval import budget_curve, reasoning_score, summarize, val_loss
+from eval import SHOWCASE, budget_curve, reasoning_score, summarize, val_loss
 from replies import generate_replies, is_correct
 from tasks import TASKS, check_answer, difficulty_of, final_number, heldout_items
 from tokenizer import render_prompt
@@ -150,7 +150,9 @@ def test_eval_end_to_end_writes_the_json_report(trained_run, tmp_path):
     assert list(tasks) == TASKS + ["all"]
     # The reference: the same checkpoint's greedy replies to the same held-out problems, scored here.
     model, _ = load_checkpoint(out_dir / "best.pt")
-    items = list(heldout_items(len(TASKS), difficulty=difficulty_of(json.load(open(f"{data_dir}/meta.json")))))
+    difficulty = difficulty_of(json.load(open(f"{data_dir}/meta.json")))
+    items = list(heldout_items(len(TASKS), difficulty=difficulty, easy_share=report["reasoning"]["easy_share"]))
+    assert report["reasoning"]["easy_share"] == 0.58  # the default: a third of the items easy
     for mode in ("on", "off"):
         prompts = [render_prompt(messages, BYTE, mode) for _, messages, _ in items]
         replies = generate_replies(model, BYTE, prompts, dict(max_new_tokens=32, temperature=0.0))
@@ -165,9 +167,8 @@ def test_eval_end_to_end_writes_the_json_report(trained_run, tmp_path):
     # Word problems (~100 tokens) do not fit this model's 64-token context: counted as cut off, not hidden.
     assert tasks["word"]["on"]["cut_off"] == 1 and "cut off by --max_new_tokens or the context" in out
     assert report["gsm8k"]["on"]["n"] == 1 and report["gsm8k"]["file"] == str(gsm8k)
-    assert report["showcase"][0]["prompt"] == "What is 15 * 23?"
-    assert len(report["showcase"]) == 8 and all({"thought", "thinking", "answer", "tokens", "seconds"} <= s.keys()
-                                                 for s in report["showcase"])
+    assert [s["prompt"] for s in report["showcase"]] == SHOWCASE
+    assert all({"thought", "thinking", "answer", "tokens", "seconds"} <= s.keys() for s in report["showcase"])
     assert "no-think" in out and "val loss" in out and "What is the capital of France?" in out
 
 
