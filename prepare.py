@@ -43,7 +43,7 @@ from tokenizer import (BPE_FILE, MAX_BPE, MIN_BPE, SPECIAL_TOKENS, TOKENIZERS, p
 # The problems, their traces and the held-out split are in tasks.py; here is only the mix: how many examples,
 # which tasks how often, small talk, and the share answered without thinking.
 
-REASONING_EXAMPLES = 50_000  # default size: ~3.8M byte tokens, about what the default train.py run sees
+REASONING_EXAMPLES = 50_000  # default size: ~3.7M byte tokens, about what the default train.py run sees
 DIRECT_SHARE = 0.25          # problems answered without thinking (<|no_think|>) whatever they are (--direct easy: the
                              # problems that are not easy), so that eval.py's no-think column has data behind it
 EASY_SHARE = 0.3             # --direct easy: the share of EASY_TASKS problems drawn easy (tasks.is_easy) ...
