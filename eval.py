@@ -19,6 +19,7 @@ import os
 import time
 from dataclasses import asdict
 
+import numpy as np
 import torch
 
 from common import UserError, robust_stdio, run_main, save_json
@@ -45,26 +46,41 @@ SHOWCASE = [  # the seed designs' five prompts, then five that probe the built-i
 
 
 def read_val(data_dir, model, enc):
-    """meta.json and the val split (tokens, mask or None) of a prepare.py folder, checked against the model."""
-    meta, bins = load_data(data_dir, splits=("val",))
+    """meta.json and the val split (tokens, mask or None, document index or None) of a prepare.py folder, checked
+    against the model. The index is read where prepare.py wrote one."""
+    meta, bins = load_data(data_dir, ("val",), documents=os.path.isfile(os.path.join(data_dir, "val_index.bin")))
     check_tokenizer(meta, enc.name, data_dir)
-    tokens, mask, _ = bins["val"]
+    tokens, mask, index = bins["val"]
     chunk = 1 << 22  # 8 MB at a time: the val.bin of a big corpus may not fit in memory at once
     top = max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=0)
     if top >= model.config.vocab_size:
         raise UserError(f"{data_dir}/val.bin holds token ids beyond the model's vocabulary: it was prepared for "
                         "another model")
-    return meta, tokens, mask
+    return meta, tokens, mask, index
+
+
+def window_starts(n, T, index=None):
+    """Where consecutive windows of T tokens start in the first n + 1 tokens, each token in at most one window.
+    With a document index each window starts at a document's <|bos|> (the first one the window before has not
+    reached), as train.py's windows="documents" read: windows starting anywhere would cut documents off from their
+    prompts, and score answers the model never has to give without them."""
+    if index is None:
+        return list(range(0, n - T + 1, T)) if T > 0 else []
+    bos, starts, k = np.asarray(index[:]), [], 0
+    while k < len(bos) and bos[k] + T <= n:
+        starts.append(int(bos[k]))
+        k = int(np.searchsorted(bos, bos[k] + T))
+    return starts
 
 
 @torch.no_grad()
-def val_loss(model, tokens, mask, batch_size, max_tokens):
+def val_loss(model, tokens, mask, batch_size, max_tokens, index=None):
     """Mean cross-entropy per predicted token over the val tokens, read as consecutive windows of the model's
-    context (every token once, so the number is the same every run). With a mask only the targets train.py
-    learns count, as in training (get_batch). Returns (loss, number of tokens scored); no tokens: (nan, 0)."""
+    context (window_starts: the same every run). With a mask only the targets train.py learns count, as in
+    training (get_batch). Returns (loss, number of tokens scored); no tokens: (nan, 0)."""
     n = min(len(tokens) - 1, max_tokens)
     T = min(model.config.block_size, n)
-    starts = list(range(0, n - T + 1, T)) if T > 0 else []
+    starts = window_starts(n, T, index)
     device = model.device
     total, count = 0.0, 0
     for i in range(0, len(starts), batch_size):
@@ -236,9 +252,9 @@ def main():
     # 1. validation loss
     meta = {}
     if os.path.exists(os.path.join(data_dir, "val.bin")):
-        meta, tokens, mask = read_val(data_dir, model, enc)
+        meta, tokens, mask, index = read_val(data_dir, model, enc)
         t0 = time.perf_counter()
-        loss, n = val_loss(model, tokens, mask, args.batch_size, args.val_tokens)
+        loss, n = val_loss(model, tokens, mask, args.batch_size, args.val_tokens, index)
         if n == 0:
             raise UserError(f"{data_dir}/val.bin has no tokens to score")
         report["val"] = dict(data=data_dir, loss=loss, perplexity=math.exp(loss), tokens=n)

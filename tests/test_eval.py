@@ -13,7 +13,7 @@ from checkpoints import load_checkpoint
 from common import UserError
 from conftest import BYTE, SP, ScriptedModel, all_logits, run_script, text_ids, tiny_model
 from data import load_data, read_gsm8k
-from eval import SHOWCASE, budget_curve, reasoning_score, summarize, val_loss
+from eval import SHOWCASE, budget_curve, reasoning_score, summarize, val_loss, window_starts
 from replies import generate_replies, is_correct
 from tasks import TASKS, check_answer, difficulty_of, final_number, heldout_items
 from tokenizer import render_prompt
@@ -67,6 +67,32 @@ def test_val_loss_matches_a_per_token_reference(tmp_path):
     assert n == len(losses)
     assert loss == pytest.approx(sum(losses) / len(losses), rel=1e-5)
 
+
+
+def test_val_windows_start_at_documents(tmp_path):
+    """With prepare.py's document index, every val window starts at a document, the first one the window before
+    has not reached, and the loss is the per-token reference over exactly those windows."""
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(3, 30, 40)
+    bos = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.uint64)
+    n = int(lengths.sum()) - 1
+    starts = window_starts(n, 16, bos)
+    assert starts[0] == 0 and set(starts) <= set(bos.tolist()) and starts == sorted(starts)
+    for a, b in zip(starts, starts[1:]):  # the next window starts at the first document at or after a + 16
+        assert b == min(int(s) for s in bos if s >= a + 16)
+    assert starts[-1] + 16 <= n and not [s for s in bos if s >= starts[-1] + 16 and s + 16 <= n]
+    assert window_starts(n, 16) == list(range(0, n - 15, 16))  # no index: consecutive windows
+
+    model = tiny_model(block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=32)
+    data, mask = rng.integers(0, 268, n + 1).astype(np.uint16), rng.integers(0, 2, n + 1).astype(np.uint8)
+    loss, count = val_loss(model, data, mask, batch_size=3, max_tokens=10**6, index=bos)
+    losses = []
+    with torch.no_grad():
+        for start in starts:
+            window = torch.tensor(data[start:start + 16].astype(np.int64))[None]
+            logp = F.log_softmax(all_logits(model, window)[0].float(), dim=-1)
+            losses += [-logp[j, data[start + j + 1]].item() for j in range(16) if mask[start + j + 1]]
+    assert count == len(losses) and loss == pytest.approx(sum(losses) / len(losses), rel=1e-5)
 
 def oracle(prompt):
     """Answers correctly after thinking, wrongly without: what the reasoning score must reveal. Left to choose
