@@ -211,7 +211,7 @@ class Forge(nn.Module):
         starts = [c.pos for c in caches for _ in range(c.k.size(1))] if caches else [0]  # each row's position
         if max(starts) + T > self.config.block_size:
             raise ValueError(f"sequence of {max(starts) + T} tokens exceeds block_size={self.config.block_size}")
-        at = torch.tensor(starts, device=idx.device)[:, None, None] + torch.arange(T, device=idx.device)  # (B, 1, T)
+        at = torch.tensor(starts)[:, None, None] + torch.arange(T) if caches else slice(T)  # slice: views
         cos, sin = self.rope_cos[at], self.rope_sin[at]
         x = self.tok_emb(idx)
         x = self.drop(self.emb_proj(x) if self.config.emb_rank else x)
