@@ -65,7 +65,7 @@ def rope_tables(cfg):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, heads, T, head_dim) by its positions' angles; cos/sin are (B or 1, 1, T, head_dim)."""
+    """Rotate x (B, heads, T, head_dim) by its positions' angles; cos/sin are (T, head_dim)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin  # the rotated half
 
@@ -104,18 +104,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, caches=None):
+    def forward(self, x, ropes, caches=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # A prompt (T > 1) attends causally, a new token to everything cached; enable_gqa shares K/V without copies.
-        # Each cache's rows attend to its keys alone, so generations of different lengths decode together (serve.py)
-        rows = [c.k.size(1) for c in caches] if caches else [B]
-        ys = [F.scaled_dot_product_attention(qc, *(c.update(self.layer, kc, vc) if c else (kc, vc)), is_causal=T > 1,
-                                             enable_gqa=True, dropout_p=self.dropout if self.training else 0.0)
-              for c, qc, kc, vc in zip(caches or [None], q.split(rows), k.split(rows), v.split(rows))]
+        # Each cache's rows turn by their own positions and attend to their own keys: replies of different lengths
+        # decode together (serve.py). A prompt (T > 1) attends causally, a new token to everything cached
+        rows, ys = [c.k.size(1) for c in caches] if caches else [B], []
+        for (cos, sin), cache, qc, kc, vc in zip(ropes, caches or [None], q.split(rows), k.split(rows), v.split(rows)):
+            qc, kc = apply_rope(qc, cos, sin), apply_rope(kc, cos, sin)
+            kc, vc = cache.update(self.layer, kc, vc) if cache else (kc, vc)
+            ys.append(F.scaled_dot_product_attention(qc, kc, vc, is_causal=T > 1, enable_gqa=True,  # GQA: no copies
+                                                     dropout_p=self.dropout if self.training else 0.0))
         y = ys[0] if len(ys) == 1 else torch.cat(ys)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -142,8 +143,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, caches=None):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, caches))
+    def forward(self, x, ropes, caches=None):
+        x = x + self.drop(self.attn(self.attn_norm(x), ropes, caches))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -208,16 +209,15 @@ class Forge(nn.Module):
         generation needs (caches: KV caches whose rows in turn are idx's). With targets, the loss alone, a chunk at a
         time; targets of -1 are ignored: "mean" averages the others, "none" gives each position's, (B, T), 0 if so."""
         B, T = idx.shape
-        starts = [c.pos for c in caches for _ in range(c.k.size(1))] if caches else [0]  # each row's position
+        starts = [c.pos for c in caches] if caches else [0]  # where each cache's rows are
         if max(starts) + T > self.config.block_size:
             raise ValueError(f"sequence of {max(starts) + T} tokens exceeds block_size={self.config.block_size}")
-        at = torch.tensor(starts)[:, None, None] + torch.arange(T) if caches else slice(T)  # slice: views
-        cos, sin = self.rope_cos[at], self.rope_sin[at]
+        ropes = [(self.rope_cos[p:p + T], self.rope_sin[p:p + T]) for p in starts]  # views of the tables: no copies
         x = self.tok_emb(idx)
         x = self.drop(self.emb_proj(x) if self.config.emb_rank else x)
         recompute = self.config.grad_checkpoint and self.training  # each block again in backward: less memory
         for block in self.blocks:
-            x = checkpoint(block, x, cos, sin, use_reentrant=False) if recompute else block(x, cos, sin, caches)
+            x = checkpoint(block, x, ropes, use_reentrant=False) if recompute else block(x, ropes, caches)
         for c in caches or []:
             c.pos += T
         x = self.norm(x) if targets is not None else self.norm(x)[:, -1:, :]

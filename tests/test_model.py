@@ -43,7 +43,7 @@ def test_gqa_matches_naive_attention(n_kv_head):
     attn = model.blocks[0].attn
     x = torch.randn(3, 40, 64)
     cos, sin = model.rope_cos[:40], model.rope_sin[:40]
-    diff = (attn(x, cos, sin) - naive_attention(attn, x, cos, sin)).abs().max().item()
+    diff = (attn(x, [(cos, sin)]) - naive_attention(attn, x, cos, sin)).abs().max().item()
     assert diff < 1e-5
 
 
