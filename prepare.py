@@ -78,9 +78,8 @@ def reasoning_documents(n, seed, difficulty, direct="easy"):
             says, answers = rng.choice(SMALLTALK)
             question, thinking, answer = rng.choice(says), None, rng.choice(answers)
         else:
-            easy = direct == "easy" and task in EASY_TASKS and rng.random() < EASY_SHARE
-            question, thinking, answer = sample_problem(task, rng, difficulty, heldout=False,
-                                                        easy=easy if direct == "easy" else None)
+            easy = (task in EASY_TASKS and rng.random() < EASY_SHARE) if direct == "easy" else None  # None: any
+            question, thinking, answer = sample_problem(task, rng, difficulty, heldout=False, easy=easy)
             if rng.random() < (EASY_DIRECT if easy else DIRECT_SHARE):
                 thinking = None
         yield [{"role": "user", "content": question}, {"role": "assistant", "content": answer, "thinking": thinking}]

@@ -379,7 +379,7 @@ class Engine:
             prompts = [(s, s.call) for s in self.seats if s.call and not s.started]
             for s, _ in batch + prompts:
                 s.call, s.started = None, True
-        for calls in [batch] * bool(batch) + [[call] for call in prompts]:  # a forward pass each
+        for calls in ([batch] if batch else []) + [[call] for call in prompts]:  # a forward pass each
             idx, caches = zip(*(call for _, call in calls))
             try:
                 logits, _ = self.run(torch.cat(idx), caches=[c for group in caches for c in group])

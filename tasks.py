@@ -202,17 +202,17 @@ TASK_MAKERS = {"add": task_add, "sub": task_sub, "mul": task_mul, "sort": task_s
 TASKS = list(TASK_MAKERS)
 
 
+EASY_TASKS = ("add", "sub", "mul", "max")  # the tasks that have easy problems (is_easy)
+
+
 def is_easy(key):
     """Whether a problem needs no thinking: a sum, difference or product of two one-digit numbers, or the larger of
-    two numbers. Its trace would be one line restating the answer; prepare.py --direct easy answers these directly
-    (and only these), so that a model choosing whether to think has a reason to."""
-    task, *args = key.split(" ", 1)
-    if task in EASY_TASKS[:3]:
-        return all(int(x) < 10 for x in args[0].split())
-    return task == "max" and args[0].count(",") == 1
-
-
-EASY_TASKS = ("add", "sub", "mul", "max")  # the tasks that have easy problems (is_easy)
+    two numbers. Its trace is a line or two; prepare.py --direct easy answers most of these directly, so that a
+    model choosing whether to think has a reason to."""
+    task, args = key.split(" ", 1)
+    if task in ("add", "sub", "mul"):
+        return all(int(x) < 10 for x in args.split())
+    return task == "max" and args.count(",") == 1
 
 
 def is_heldout(key):
