@@ -5,13 +5,16 @@ A checkpoint is a dict: "model" (state dict), "model_args" (ModelConfig fields),
 a trained BPE's dict: tokenizer.get_tokenizer), "config"
 (the run's settings), and for resuming: "optimizer", "scaler", "iter_num", "best_val_loss" (rl.py:
 "best_accuracy", "pass_rates"), "rng". Everything in it is a tensor or plain Python data, so it loads with
-weights_only=True.
+weights_only=True. A LoRA run's checkpoint (train.py lora_rank > 0) stores only its adapters as "model", and "lora":
+{rank, alpha, targets, base (the base checkpoint's path), base_sha256}; read_checkpoint returns it with "model" the
+base's weights with the adapters merged in, and the adapters as "adapters" (lora.py).
 """
 import os
 
 import torch
 
 from common import UserError
+from lora import file_sha256, merge_adapters
 from model import Forge, ModelConfig
 
 
@@ -35,7 +38,24 @@ def read_checkpoint(path, device="cpu"):
         raise UserError(f"cannot read {path} as a checkpoint ({type(e).__name__}): truncated or not a torch file")
     if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
         raise UserError(f"{path} is not a nanoforge checkpoint (it has no model / model_args)")
+    if "lora" in ckpt:
+        ckpt["adapters"] = ckpt["model"]
+        ckpt["model"] = merge_adapters(read_base(path, ckpt["lora"], device)["model"], ckpt["adapters"],
+                                       ckpt["lora"]["alpha"] / ckpt["lora"]["rank"])
     return ckpt
+
+
+def read_base(path, lora, device="cpu"):
+    """The base checkpoint of the adapters at path (read_checkpoint: a LoRA base is merged in turn), checked to be
+    the very file they were trained on."""
+    base = lora["base"]
+    if not os.path.isfile(base):
+        raise UserError(f"{path} holds LoRA adapters for the base checkpoint {base}, which is missing: put it back "
+                        "there (or run from the folder the adapters were trained in)")
+    if file_sha256(base) != lora["base_sha256"]:
+        raise UserError(f"{path} holds LoRA adapters for {base}, but that file has changed since (its sha256 "
+                        "differs): restore the base they were trained on, or train the adapters again")
+    return read_checkpoint(base, device)
 
 
 def build_model(model_args, state_dict=None, source=None, device="cpu"):

@@ -167,3 +167,17 @@ def peak_flops(device, dtype=None):
     if (device, name) not in _PEAKS:
         _PEAKS[device, name] = matmul_flops(device, DTYPES[name], 4096, 5)
     return _PEAKS[device, name]
+
+
+def print_memory_estimate(mem, batch_size, block_size, ptdtype, mc, device):
+    gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+    total = sum(mem.values())
+    parts = " + ".join(f"{k} {gib(v)}" for k, v in mem.items() if v)
+    print(f"memory estimate per device: {parts} = {gib(total)} GiB "
+          f"(micro-batch {batch_size} x {block_size} tokens, {str(ptdtype or torch.float32).removeprefix('torch.')}, "
+          f"grad_checkpoint={mc.grad_checkpoint})")
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(device)
+        if total > free:
+            print(f"warning: the estimate exceeds this GPU's free memory ({gib(free)} GiB): lower batch_size "
+                  "(raise grad_accum to keep tokens per step), block_size, or set grad_checkpoint=True")

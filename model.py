@@ -204,10 +204,10 @@ class Forge(nn.Module):
     def device(self):
         return self.rope_cos.device
 
-    def forward(self, idx, targets=None, caches=None, reduction="mean"):
-        """idx (B, T) token ids -> (logits, loss). Without targets, the last position's logits (B, 1, V): all that
-        generation needs (caches: KV caches whose rows in turn are idx's). With targets, the loss alone, a chunk at a
-        time; targets of -1 are ignored: "mean" averages the others, "none" gives each position's, (B, T), 0 if so."""
+    def forward(self, idx, targets=None, caches=None, reduction="mean", all_logits=False):
+        """idx (B, T) ids -> (logits, loss). No targets: the last position's logits (B, 1, V), all generation needs
+        (caches: KV caches whose rows in turn are idx's), or every position's with all_logits. Targets: the loss alone,
+        chunk by chunk, -1 ignored; "mean" averages the rest, "none" gives each position's (B, T), 0 where ignored."""
         B, T = idx.shape
         starts = [c.pos for c in caches] if caches else [0]  # where each cache's rows are
         if max(starts) + T > self.config.block_size:
@@ -220,7 +220,7 @@ class Forge(nn.Module):
             x = checkpoint(block, x, ropes, use_reentrant=False) if recompute else block(x, ropes, caches)
         for c in caches or []:
             c.pos += T
-        x = self.norm(x) if targets is not None else self.norm(x)[:, -1:, :]
+        x = self.norm(x) if targets is not None or all_logits else self.norm(x)[:, -1:, :]
         if self.config.emb_rank:  # the tied output matrix: E^T = B^T @ A^T, applied right to left
             x = F.linear(x, self.emb_proj.weight.t())
         if targets is None:
@@ -238,11 +238,11 @@ class Forge(nn.Module):
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
                  generator=None, force=None):
         """Decode B prompts of equal length together, (B, T) ids ([prompt] for one), yielding after every step {row:
-        new token id} for the rows still generating. The prompts fill the KV cache once; each later step feeds only
-        the newest tokens. A row stops after a token in stop_ids (yielded: the caller sees why), after max_new_tokens
-        or at a full context window (block_size), and leaves the batch with its cache rows. Rows need no padding: G
-        copies of one prompt (a GRPO group), or prompts grouped by length (replies.py). force(rows, tokens) may change
-        the tokens sampled for rows, the caller's row numbers (replies.py closes a think block out of budget)."""
+        new token id} for the rows still generating. The prompts fill the KV cache once; later steps feed only the
+        newest tokens. A row stops after a token in stop_ids (yielded: the caller sees why), after max_new_tokens or
+        at a full context (block_size), and leaves the batch with its cache rows. Rows need no padding: G copies of
+        one prompt (a GRPO group), or prompts grouped by length (replies.py). force(rows, tokens) may change the
+        sampled tokens of rows (the caller's numbers): replies.py closes a think block out of budget."""
         idx = torch.as_tensor(prompts, dtype=torch.long, device=self.device)
         B, T = idx.shape
         max_len = min(self.config.block_size, T + max_new_tokens)
@@ -291,16 +291,16 @@ class Forge(nn.Module):
         return saved, block if cfg.grad_checkpoint else 0
 
     def estimate_memory(self, batch_size, block_size, act_bytes):
-        """Peak bytes per device of a training step: fp32 weights, gradients and AdamW's two moments, autocast's
-        weight copies, batch_size x block_size tokens' activations, and the loss's: its output matrix's gradient
-        (computed in forward, kept for backward) and one chunk's fp32 logits and their log-softmax."""
-        n, V = self.num_params()["total"], self.config.vocab_size
+        """Peak bytes per device of a training step: fp32 weights, gradients and AdamW's two moments of the trained
+        ones (LoRA: the adapters), autocast's weight copies, batch_size x block_size tokens' activations, and the
+        loss's: its output matrix's gradient (computed in forward, kept for backward) and one chunk's fp32 logits."""
+        n, trained = self.num_params()["total"], sum(p.numel() for p in self.parameters() if p.requires_grad)
         saved, transient = self.activation_bytes(act_bytes)
-        rows = min(batch_size * block_size, max(1, ChunkedLoss.CHUNK_BYTES // (4 * V)))
-        return {"weights": 4 * n, "grads": 4 * n, "optimizer": 8 * n,
+        rows = min(batch_size * block_size, max(1, ChunkedLoss.CHUNK_BYTES // (4 * self.config.vocab_size)))
+        return {"weights": 4 * n, "grads": 4 * trained, "optimizer": 8 * trained,
                 "weight copies": n * act_bytes if act_bytes < 4 else 0,
                 "activations": batch_size * block_size * (saved + transient),
-                "loss": 4 * self.tok_emb.weight.numel() + 8 * rows * V}
+                "loss": 4 * self.tok_emb.weight.numel() + 8 * rows * self.config.vocab_size}
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -5,6 +5,8 @@ Train a Forge model: one readable loop, from a 2-core laptop to many GPUs.
     python train.py config/nano_3050ti.py --batch_size=1  # a preset, then command-line overrides
     python train.py --resume                             # continue out_dir/ckpt.pt exactly where it stopped
     python train.py config/sft_chat.py --init_from=out-nano/best.pt   # fine-tune: weights only
+    python train.py --init_from=out/best.pt --lora_rank=8 --data_dir=...  # LoRA adapters on a frozen base
+    python train.py --teacher=out/best.pt --n_layer=5 --n_embd=128      # distill into a smaller student
     torchrun --standalone --nproc_per_node=8 train.py config/h100_ddp.py  # DDP, one process per GPU
 
 Settings are the module-level defaults below, overridden in order by config files (plain Python
@@ -29,13 +31,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import configurator
-from checkpoints import build_model
+from checkpoints import build_model, read_base
 from common import StopFlag, UserError
 from data import check_tokenizer, get_batch, load_data, random_starts, to_device
 from device import (DTYPES, amp_dtype, autocast, choose_compile, compile_model, cpu_auto_dtype, peak_flops,
-                    setup_process)
+                    print_memory_estimate, setup_process)
+from lora import add_lora, lora_record, parse_targets
 from tokenizer import tokenizer_name
-from training import (MetricsLog, add_nan_hook, check_optimizer_settings, clip_gradients, exit_if_stopped,
+from distill import distillation_loss, load_teacher
+from training import (MetricsLog, add_nan_hook, check_optimizer_settings, clip_gradients, exit_if_stopped, get_lr,
                       make_optimizer, optimizer_step, run_training, save_run, set_lr, stage_at)
 
 # ----------------------------------------------------------------------------- defaults
@@ -65,6 +69,13 @@ emb_rank = 0             # > 0: factorized embedding of this rank (Yxanul)
 block_size = 256         # context length
 dropout = 0.0
 grad_checkpoint = False  # recompute activations in backward: much less memory, one more forward pass
+# adapting a trained model (docs/adapt.md)
+lora_rank = 0            # > 0: train LoRA adapters of this rank on init_from's block matrices, the rest frozen
+lora_alpha = 16.0        # the adapters' update is scaled by lora_alpha / lora_rank
+lora_targets = "all"     # all, or a comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+teacher = ""             # a checkpoint (same tokenizer): also learn its token distributions (distillation)
+distill_coef = 0.5       # loss = (1 - distill_coef) * data loss + distill_coef * T^2 * KL(teacher || student)
+distill_temperature = 2.0  # T: both distributions softened by it, so the teacher's near-misses teach too
 # optimization: tokens per step = batch_size * block_size * grad_accum * world size
 batch_size = 16
 grad_accum = 1
@@ -95,6 +106,7 @@ DEFAULTS = configurator.defaults_of(globals())
 CHOICES = {"compile": ("auto", True, False), "device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", *DTYPES),
            "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd"), "windows": ("random", "documents")}
 ARCHITECTURE = ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "emb_rank")
+LORA = ("lora_rank", "lora_alpha", "lora_targets")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -106,6 +118,8 @@ def settings(argv):
     config, ckpt = configurator.settings_and_checkpoint(argv, DEFAULTS, CHOICES, "train one first")
     if ckpt is not None:
         config |= {k: ckpt["model_args"][k] for k in ARCHITECTURE}
+    if config["resume"] and "lora" in ckpt:  # the adapters being continued decide their own shape
+        config |= {k: ckpt["config"][k] for k in LORA}
     cfg = SimpleNamespace(**config)
     check_config(cfg)
     return cfg, ckpt
@@ -117,9 +131,13 @@ def check_config(cfg):
         cfg, at_least_one=("batch_size", "grad_accum", "block_size", "eval_interval", "eval_iters", "ckpt_interval",
                            "log_interval", "n_layer", "n_head", "n_kv_head", "n_embd", "max_nonfinite"),
         non_negative=("max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "muon_lr", "min_lr",
-                      "decay_frac", "weight_decay", "grad_clip"))
-    if cfg.decay_frac > 1:
-        raise UserError(f"decay_frac={cfg.decay_frac} is a share of the iterations: at most 1")
+                      "decay_frac", "weight_decay", "grad_clip", "lora_rank", "distill_coef", "distill_temperature"))
+    for name, of in (("decay_frac", "the iterations"), ("distill_coef", "the loss")):
+        if getattr(cfg, name) > 1:
+            raise UserError(f"{name}={getattr(cfg, name)} is a share of {of}: at most 1")
+    if cfg.lora_rank and not (cfg.init_from or cfg.resume):
+        raise UserError("lora_rank > 0 adapts a trained model: give it one with --init_from=CKPT")
+    parse_targets(cfg.lora_targets)
     check_optimizer_settings(cfg)
     stages = cfg.seq_curriculum
     if any(not isinstance(s, tuple) or len(s) != 3 or not all(isinstance(v, int) for v in s) for s in stages):
@@ -130,56 +148,31 @@ def check_config(cfg):
         raise UserError(f"seq_curriculum block sizes must be within 1..block_size={cfg.block_size}")
 
 
-def get_lr(cfg, it):
-    """Linear warmup to learning_rate, then down to min_lr at lr_decay_iters (0: max_iters), then min_lr. Down by a
-    cosine, or (wsd) constant until the last decay_frac of the iterations and down by 1 - sqrt over those."""
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= decay_iters:
-        return cfg.min_lr
-    if cfg.lr_schedule == "wsd":
-        # The stable phase is the same whatever max_iters, so a run can be extended (--resume --max_iters=N)
-        # until its decay begins. 1 - sqrt rather than linear: it drops fast, then spends longer near min_lr,
-        # and it beat a linear decay and matched cosine in Hägele et al. 2024 ("Scaling Laws and
-        # Compute-Optimal Training Beyond Fixed Training Durations").
-        decay_start = max(cfg.warmup_iters, decay_iters - round(cfg.decay_frac * decay_iters))
-        if it < decay_start:
-            return cfg.learning_rate
-        progress = (it - decay_start) / (decay_iters - decay_start)
-        return cfg.min_lr + (1.0 - math.sqrt(progress)) * (cfg.learning_rate - cfg.min_lr)
-    progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
-
-
 # ----------------------------------------------------------------------------- the model
 
 def model_for_run(cfg, meta, ckpt, device="cpu"):
-    """(model args, model): fresh, or with a checkpoint's weights (cfg holds its architecture then); the vocabulary
-    is the data's. device="meta" builds the shapes only (dry_run: no memory, no time)."""
+    """(model args, model, LoRA record or None): fresh, or with a checkpoint's weights (cfg holds its architecture
+    then), with LoRA adapters on top (lora_rank: the record is what its checkpoints say of them, lora.lora_record);
+    the vocabulary is the data's. device="meta" builds the shapes only (dry_run: no memory, no time)."""
     if ckpt is not None:
         check_tokenizer(meta, ckpt.get("tokenizer"), cfg.data_dir)
     stored = ckpt["model_args"] if ckpt is not None else {}  # fields train.py has no setting for (rope_theta...)
     args = stored | {k: getattr(cfg, k) for k in ARCHITECTURE} | dict(vocab_size=meta["vocab_size"],
         block_size=cfg.block_size, dropout=cfg.dropout, grad_checkpoint=cfg.grad_checkpoint)
-    if ckpt is None or device == "meta":
-        return args, build_model(args, device=device)
     source = os.path.join(cfg.out_dir, "ckpt.pt") if cfg.resume else cfg.init_from
-    return args, build_model(args, ckpt["model"], source, device)
-
-
-def print_memory_estimate(mem, batch_size, block_size, ptdtype, mc, device):
-    gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
-    total = sum(mem.values())
-    parts = " + ".join(f"{k} {gib(v)}" for k, v in mem.items() if v)
-    print(f"memory estimate per device: {parts} = {gib(total)} GiB "
-          f"(micro-batch {batch_size} x {block_size} tokens, {str(ptdtype or torch.float32).removeprefix('torch.')}, "
-          f"grad_checkpoint={mc.grad_checkpoint})")
-    if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(device)
-        if total > free:
-            print(f"warning: the estimate exceeds this GPU's free memory ({gib(free)} GiB): lower batch_size "
-                  "(raise grad_accum to keep tokens per step), block_size, or set grad_checkpoint=True")
+    if ckpt is None or device == "meta":
+        model = build_model(args, device=device)
+    elif cfg.resume and "lora" in ckpt:  # the base's own weights; the adapters go on top, unmerged
+        model = build_model(args, read_base(source, ckpt["lora"])["model"], source, device)
+    else:
+        model = build_model(args, ckpt["model"], source, device)
+    if not cfg.lora_rank:
+        return args, model, None
+    add_lora(model, cfg.lora_rank, cfg.lora_alpha, parse_targets(cfg.lora_targets))
+    if cfg.resume:  # the adapters being continued, and the record of their base
+        model.load_state_dict(ckpt["adapters"], strict=False)
+        return args, model, ckpt["lora"]
+    return args, model, lora_record(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.init_from)
 
 
 # ----------------------------------------------------------------------------- training
@@ -243,6 +236,10 @@ def describe(cfg, meta, model, amp, world, device, master, say):
     say(f"tokens per step: {B_max} micro-batch x {T_max} context x {cfg.grad_accum} accumulation x {world} "
         f"process{'es' if world > 1 else ''} = {B_max * T_max * cfg.grad_accum * world:,}"
         + (" (largest curriculum stage)" if cfg.seq_curriculum else ""))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trained < n_params["total"]:
+        say(f"trainable: {trained:,} parameters, {trained / n_params['total']:.2%} of the model (LoRA rank "
+            f"{cfg.lora_rank} on {cfg.lora_targets}); the rest is frozen")
     if master:
         mem = model.estimate_memory(B_max, T_max, 2 if amp else 4)
         print_memory_estimate(mem, B_max, T_max, amp, model.config, device)
@@ -259,11 +256,14 @@ def describe_start(cfg, ckpt, splits, device, amp, use_compile, iter_num, say, m
         say(f"resuming {os.path.join(cfg.out_dir, 'ckpt.pt')} at iteration {iter_num}")
     elif ckpt is not None:
         say(f"initialized from {cfg.init_from} (trained {ckpt.get('iter_num', '?')} iterations); fresh optimizer")
+    if cfg.teacher:
+        say(f"distilling {cfg.teacher}: loss = {1 - cfg.distill_coef:g} x data + {cfg.distill_coef:g} x "
+            f"T^2 KL(teacher || student), T = {cfg.distill_temperature:g}")
     elif master and os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt")):
         say(f"warning: new run in {cfg.out_dir}: its ckpt.pt will be overwritten (--resume continues it instead)")
 
 
-def train_step(train_model, raw_model, next_batch, optimizer, scaler, cfg, ctx, stop, world):
+def train_step(train_model, raw_model, next_batch, optimizer, scaler, cfg, ctx, stop, world, teacher=None):
     """One optimizer step over grad_accum micro-batches -> (loss, gradient norm, stop requested, update applied).
     The loss (a NaN anywhere is seen everywhere) and the stop requests are summed over ranks, so that every rank
     skips, and stops, at the same iteration."""
@@ -273,7 +273,8 @@ def train_step(train_model, raw_model, next_batch, optimizer, scaler, cfg, ctx, 
         last = micro_step == cfg.grad_accum - 1  # DDP all-reduces the gradients only after the last one
         with contextlib.nullcontext() if world == 1 or last else train_model.no_sync():
             with ctx:
-                loss = train_model(x, y)[1] / cfg.grad_accum  # [1]: drop the logits before backward
+                loss = (distillation_loss(train_model, teacher, x, y, cfg.distill_coef, cfg.distill_temperature)
+                        if teacher else train_model(x, y)[1]) / cfg.grad_accum  # [1]: the loss, no logits
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
     stats = torch.stack([loss_sum.float(), torch.tensor(float(stop.signum > 0), device=raw_model.device)])
@@ -321,7 +322,7 @@ def main(argv):
     say = tqdm.write if master else (lambda message: None)
     meta, splits = read_data(cfg, say)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model_args, raw_model = model_for_run(cfg, meta, ckpt, device="meta" if cfg.dry_run else "cpu")
+    model_args, raw_model, lora = model_for_run(cfg, meta, ckpt, device="meta" if cfg.dry_run else "cpu")
     describe(cfg, meta, raw_model, amp, world, device, master, say)
     if cfg.dry_run:
         return raw_model
@@ -331,7 +332,7 @@ def main(argv):
     use_compile = choose_compile(cfg.compile, device_type, amp)
     describe_start(cfg, ckpt, splits, device, amp, use_compile, iter_num, say, master)
     del ckpt
-    ctx = autocast(device_type, amp)
+    ctx, teacher = autocast(device_type, amp), load_teacher(cfg.teacher, meta, device)  # None without a teacher
     T, B = stage_at(cfg, iter_num)
     train_tokens, train_mask, train_index = splits["train"]
 
@@ -347,7 +348,7 @@ def main(argv):
 
     def save(name):  # "rng" for the record only: every iteration reseeds from (seed, rank, iteration), see the loop
         save_run(os.path.join(cfg.out_dir, name), raw_model, model_args, meta["tokenizer"], vars(cfg), optimizer,
-                 scaler, iter_num, best_val_loss=best_val_loss, rng={"cpu": torch.get_rng_state(), "cuda":
+                 scaler, iter_num, lora, best_val_loss=best_val_loss, rng={"cpu": torch.get_rng_state(), "cuda":
                  torch.cuda.get_rng_state_all() if device_type == "cuda" else []})
 
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), iter_num if cfg.resume else None,
@@ -383,7 +384,7 @@ def main(argv):
         lr = set_lr(optimizer, get_lr(cfg, iter_num))
         t0 = time.perf_counter()
         loss, grad_norm, stop_requested, applied = train_step(train_model, raw_model, next_batch, optimizer, scaler,
-                                                              cfg, ctx, stop, world)
+                                                              cfg, ctx, stop, world, teacher)
         nonfinite = 0 if applied else nonfinite + 1
         if not applied:
             exit_message = note_skipped(nonfinite, iter_num, loss, grad_norm, cfg, say, log)

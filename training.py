@@ -12,6 +12,7 @@ import torch
 
 from checkpoints import save_checkpoint
 from common import UserError, run_main
+from lora import adapter_state
 
 
 def adamw(params, weight_decay, learning_rate, betas, device_type):
@@ -32,9 +33,10 @@ def configure_optimizer(model, weight_decay, learning_rate, betas, device_type, 
     if optimizer not in ("adamw", "muon"):
         raise UserError(f"optimizer={optimizer!r}: expected adamw or muon")
     params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer == "adamw":
+    # LoRA's adapters stay with AdamW (so a LoRA run is all AdamW): its recipes and the alpha / rank scale assume Adam
+    matrices = [p for n, p in model.blocks.named_parameters() if p.requires_grad and p.dim() == 2 and "lora_" not in n]
+    if optimizer == "adamw" or not matrices:
         return adamw(params, weight_decay, learning_rate, betas, device_type)
-    matrices = [p for p in model.blocks.parameters() if p.requires_grad and p.dim() == 2]
     in_muon = {id(p) for p in matrices}
     rest = adamw([p for p in params if id(p) not in in_muon], weight_decay, learning_rate, betas, device_type)
     # Muon orthogonalizes each update (singular values near 1): its RMS is 1/sqrt(max(rows, cols)), whatever
@@ -145,6 +147,28 @@ def stage_at(cfg, it):
     return T, B
 
 
+def get_lr(cfg, it):
+    """Linear warmup to learning_rate, then down to min_lr at lr_decay_iters (0: max_iters), then min_lr. Down by a
+    cosine, or (wsd) constant until the last decay_frac of the iterations and down by 1 - sqrt over those."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        # The stable phase is the same whatever max_iters, so a run can be extended (--resume --max_iters=N)
+        # until its decay begins. 1 - sqrt rather than linear: it drops fast, then spends longer near min_lr,
+        # and it beat a linear decay and matched cosine in Hägele et al. 2024 ("Scaling Laws and
+        # Compute-Optimal Training Beyond Fixed Training Durations").
+        decay_start = max(cfg.warmup_iters, decay_iters - round(cfg.decay_frac * decay_iters))
+        if it < decay_start:
+            return cfg.learning_rate
+        progress = (it - decay_start) / (decay_iters - decay_start)
+        return cfg.min_lr + (1.0 - math.sqrt(progress)) * (cfg.learning_rate - cfg.min_lr)
+    progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
 def check_optimizer_settings(cfg):
     if cfg.muon_lr and not cfg.learning_rate:
         raise UserError("muon_lr is a multiple of learning_rate's schedule: set learning_rate > 0 (or muon_lr=0)")
@@ -182,10 +206,12 @@ def optimizer_step(optimizer, scaler, loss, grad_norm):
     return applied
 
 
-def save_run(path, model, model_args, tokenizer, config, optimizer, scaler, iter_num, **extra):
+def save_run(path, model, model_args, tokenizer, config, optimizer, scaler, iter_num, lora=None, **extra):
     """A training run's checkpoint (checkpoints.py has the format): the weights and what builds them, the settings,
-    and what resuming needs, plus the script's own extra entries."""
-    save_checkpoint({"model": model.state_dict(), "model_args": model_args, "tokenizer": tokenizer, "config": config,
+    and what resuming needs, plus the script's own extra entries. A LoRA run (lora: its record) stores only the
+    adapters: a few percent of the weights."""
+    weights = {"model": adapter_state(model), "lora": lora} if lora else {"model": model.state_dict()}
+    save_checkpoint({**weights, "model_args": model_args, "tokenizer": tokenizer, "config": config,
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num, **extra},
                     path)
 
