@@ -26,7 +26,7 @@ from common import UserError, robust_stdio, run_main, save_json
 from data import check_tokenizer, get_batch, load_data, read_gsm8k
 from inference import add_model_args, add_sampling_args, checkpoint_path, load_model, make_generator, sampling_kwargs
 from replies import generate_replies, generate_reply, is_correct
-from tasks import TASKS, difficulty_of, heldout_items
+from tasks import TASK_MAKERS, TASKS, difficulty_of, heldout_items
 from tokenizer import render_prompt
 
 SHOWCASE = [  # the seed designs' five prompts, then five that probe the built-in tasks and the model's identity
@@ -216,6 +216,8 @@ def main():
     parser.add_argument("--data", help="a prepare.py folder for the val loss (default: the one the checkpoint "
                                        "was trained on, else data/reasoning)")
     parser.add_argument("--items", type=int, default=50, help="held-out problems per built-in task (0 = skip)")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="the tasks to score, a comma list (default: the "
+                        f"seven of the default mix; also {', '.join(t for t in TASK_MAKERS if t not in TASKS)})")
     parser.add_argument("--easy_share", type=float, default=0.58,
                         help="share of easy problems (tasks.is_easy) in add/sub/mul/max's items: 0.58 (default) makes "
                              "a third of all easy, as auto needs; 0: as the tasks draw them")
@@ -230,6 +232,9 @@ def main():
     args = parser.parse_args()
     if args.items < 0 or min(args.val_tokens, args.batch_size, args.gen_batch) < 1:
         raise UserError("--items must be >= 0, --val_tokens, --batch_size and --gen_batch >= 1")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks or any(t not in TASK_MAKERS for t in tasks):
+        raise UserError(f"--tasks {args.tasks!r}: a comma list of {', '.join(TASK_MAKERS)}")
     if not 0 <= args.easy_share <= 1:
         raise UserError("--easy_share must be between 0 and 1")
     try:
@@ -268,7 +273,8 @@ def main():
     # 2. reasoning score: thinking on vs off
     if args.items:
         difficulty = difficulty_of(meta)
-        items = list(heldout_items(args.items * len(TASKS), difficulty=difficulty, easy_share=args.easy_share))
+        items = list(heldout_items(args.items * len(tasks), difficulty=difficulty, easy_share=args.easy_share,
+                                   tasks=tasks))
         print(f"\nreasoning score: {args.items} held-out problems per task, thinking forced on, forced off, and auto "
               "(the model chooses)")
         summary = summarize(reasoning_score(model, enc, items, sampling, generator, args.gen_batch))

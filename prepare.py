@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common import StopFlag, UserError, load_tokenizer, run_main, save_json
-from tasks import EASY_TASKS, Difficulty, sample_problem
+from tasks import EASY_TASKS, TASK_MAKERS, Difficulty, sample_problem
 from tokenizer import (BPE_FILE, MAX_BPE, MIN_BPE, SPECIAL_TOKENS, TOKENIZERS, padded_vocab_size, read_bpe,
                        render_conversation, special_ids, train_bpe)
 
@@ -65,13 +65,14 @@ SMALLTALK = [  # (things a user says, things Forge answers): always answered wit
 ]
 
 
-def reasoning_documents(n, seed, difficulty, direct="easy"):
+def reasoning_documents(n, seed, difficulty, direct="easy", task_weights=None):
     """n chat examples of the built-in dataset, deterministic for a seed. direct: which problems are answered
     without thinking: "easy" (most easy ones, tasks.is_easy, and DIRECT_SHARE of the others: left to choose, the
     model answers an easy problem directly and thinks on the rest) or "random" (DIRECT_SHARE of all, whatever they
     are: the choice means nothing)."""
     rng = random.Random(seed)
-    names, weights = list(TASK_WEIGHTS), list(TASK_WEIGHTS.values())
+    mix = {k: w for k, w in (task_weights or TASK_WEIGHTS).items() if w > 0}  # task_weights: --task_weights's
+    names, weights = list(mix), list(mix.values())
     for _ in range(n):
         task = rng.choices(names, weights)[0]
         if task == "smalltalk":
@@ -350,7 +351,7 @@ def open_source(spec, args):
     if spec == "reasoning":
         n = args.max_samples or REASONING_EXAMPLES
         return Source("reasoning", lambda at: numbered(reasoning_documents(n, args.seed, args.difficulty,
-                                                                           args.direct), at),
+                                                                           args.direct, args.task_weights), at),
                       as_is, n)
     if recipe is None and spec in RECIPES:
         return Source(spec, lambda at: hub_records(spec, at), RECIPES[spec].convert, args.max_samples)
@@ -760,7 +761,7 @@ def finish(out, writers, stats, totals, enc, args, progress):
         os.remove(os.path.join(out, BPE_FILE))  # a trained tokenizer of an earlier run: not this data's
     if "reasoning" in args.datasets:
         meta["difficulty"] = asdict(args.difficulty)
-        meta["direct"] = args.direct
+        meta["direct"], meta["task_weights"] = args.direct, args.task_weights
     save_json(meta, meta_path)
     return meta
 # ============================================================ command line
@@ -768,6 +769,20 @@ def finish(out, writers, stats, totals, enc, args, progress):
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + error
         raise UserError(f"{message} (see python prepare.py --help)")
+
+
+def parse_task_weights(text, parser):
+    """--task_weights "digitsum=16,add=0" -> TASK_WEIGHTS changed by those."""
+    weights = dict(TASK_WEIGHTS)
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        name, _, weight = part.partition("=")
+        if name not in TASK_MAKERS and name != "smalltalk" or not weight.isdigit():
+            parser.error(f"--task_weights {part!r}: expected TASK=W, W a whole number >= 0 and TASK one of "
+                         f"{', '.join(TASK_MAKERS)}, smalltalk")
+        weights[name] = int(weight)
+    if not any(weights.values()):
+        parser.error("--task_weights leaves no task with a weight above 0")
+    return weights
 
 
 def parse_args(argv):
@@ -792,7 +807,11 @@ def parse_args(argv):
     p.add_argument("--direct", choices=("easy", "random"), default="easy",
                    help="reasoning: answer most easy problems and a quarter of the rest without thinking, or a "
                         "random quarter of all")
+    p.add_argument("--task_weights", default="", metavar="TASK=W,...",
+                   help=f"reasoning: change the mix, e.g. digitsum=16 adds a task left out of it (tasks.EXTRA_TASKS), "
+                        f"add=0 drops one; the default: {','.join(f'{k}={w}' for k, w in TASK_WEIGHTS.items())}")
     args = p.parse_args(argv)
+    args.task_weights = parse_task_weights(args.task_weights, p)
     if args.max_samples is not None and args.max_samples < 1:
         p.error("--max_samples must be at least 1")
     if not 0 < args.val_fraction < 1:

@@ -5,6 +5,8 @@ The built-in reasoning tasks: small problems with exact answers, their step-by-s
     sort, max       insertion sort and a running maximum over short lists
     count           how often a letter appears in a word, spelled letter by letter
     word            two-step word problems, each step traced like add/sub/mul
+    digitsum        the sum of a number's digits, a running total (not in the default mix: a skill to teach a
+                    trained model, docs/adapt.md)
 
 Each task draws a problem from a seeded random.Random and returns (key, question, trace lines, answer).
 One problem in HELDOUT_SHARE (by a hash of its key) is reserved for evaluation and never trained on:
@@ -197,9 +199,21 @@ def task_word(rng, d):
     return f"word {i} {a} {b} {c}", q, steps, str(APPLY[op2](first, c))
 
 
+def task_digitsum(rng, d):
+    n = number(rng, 6) if rng.random() < 0.8 else number(rng, 2)  # 1-6 digits, mostly long
+    digits = [int(c) for c in str(n)]
+    total, steps = digits[0], [" ".join(str(n))]  # spelled out first, so each digit is a token of its own
+    for x in digits[1:]:
+        steps.append(f"{total}+{x}={total + x}")
+        total += x
+    q = rng.choice(["What is the sum of the digits of {}?", "Add up the digits of {}."]).format(n)
+    return f"digitsum {n}", q, steps, str(total)
+
+
 TASK_MAKERS = {"add": task_add, "sub": task_sub, "mul": task_mul, "sort": task_sort, "count": task_count,
-               "max": task_max, "word": task_word}
-TASKS = list(TASK_MAKERS)
+               "max": task_max, "word": task_word, "digitsum": task_digitsum}
+TASKS = ["add", "sub", "mul", "sort", "count", "max", "word"]  # the default mix, scored by eval.py and rl.py
+EXTRA_TASKS = [t for t in TASK_MAKERS if t not in TASKS]  # made on request: prepare.py --task_weights, eval --tasks
 
 
 EASY_TASKS = ("add", "sub", "mul", "max")  # the tasks that have easy problems (is_easy)
@@ -231,14 +245,14 @@ def sample_problem(task, rng, difficulty, heldout=False, easy=None):
             return question, "\n".join(steps), answer
 
 
-def heldout_items(n, seed=20240601, difficulty=None, easy_share=0.0):
-    """n evaluation items (task, messages ending with the user turn, answer), cycling through TASKS.
+def heldout_items(n, seed=20240601, difficulty=None, easy_share=0.0, tasks=TASKS):
+    """n evaluation items (task, messages ending with the user turn, answer), cycling through tasks.
     They come from the reserved share of problems, so none of them is ever in the training data. With easy_share,
     that share of each EASY_TASKS task's items is easy (is_easy): 7/12 makes a third of all items easy."""
     rng, difficulty = random.Random(seed), difficulty or Difficulty()
     for i in range(n):
-        task = TASKS[i % len(TASKS)]
-        k = i // len(TASKS)  # the k-th item of its task: easy for the first easy_share of every 12
+        task = tasks[i % len(tasks)]
+        k = i // len(tasks)  # the k-th item of its task: easy for the first easy_share of every 12
         easy = (k % 12 < round(12 * easy_share)) if easy_share and task in EASY_TASKS else None
         question, _, answer = sample_problem(task, rng, difficulty, heldout=True, easy=easy)
         yield task, [{"role": "user", "content": question}], answer
@@ -258,8 +272,8 @@ def check_answer(task, text, answer):
     a final period. "gsm8k": the final numbers agree (a worked answer may say more than the number)."""
     if task == "gsm8k":
         return final_number(text) is not None and final_number(text) == final_number(answer)
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}: known tasks are gsm8k, {', '.join(TASKS)}")
+    if task not in TASK_MAKERS:
+        raise ValueError(f"unknown task {task!r}: known tasks are gsm8k, {', '.join(TASK_MAKERS)}")
 
     def norm(s):
         return re.sub(r"\s+", "", s).rstrip(".").lower()

@@ -198,6 +198,14 @@ def test_eval_end_to_end_writes_the_json_report(trained_run, tmp_path):
     assert "no-think" in out and "val loss" in out and "What is the capital of France?" in out
 
 
+def test_eval_scores_the_tasks_asked_for(trained_run, tmp_path):
+    rc, _, err = run_script("eval.py", "--out_dir", trained_run[0], "--items", 2, "--max_new_tokens", 16,
+                            "--tasks", "digitsum,max", "--json", tmp_path / "r.json", "--val_tokens", 256)
+    assert rc == 0, err
+    tasks = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["reasoning"]["tasks"]
+    assert list(tasks) == ["digitsum", "max", "all"] and tasks["all"]["on"]["n"] == 4
+
+
 def test_eval_errors_are_one_line(trained_run, tmp_path):
     rc, _, err = run_script("eval.py", "--out_dir", trained_run[0], "--data", tmp_path / "nothing")
     assert rc != 0 and "no val.bin" in err and err.strip().count("\n") == 0
@@ -207,6 +215,7 @@ def test_eval_errors_are_one_line(trained_run, tmp_path):
         assert rc == 1 and err.strip() == ("eval.py: error: --items must be >= 0, --val_tokens, --batch_size and "
                                            "--gen_batch >= 1")
     for flag, value, message in (("--easy_share", 2, "--easy_share must be between 0 and 1"),
+                                 ("--tasks", "add,nosuch", "--tasks 'add,nosuch': a comma list of add, sub"),
                                  ("--thinking_budgets", "8,x", "--thinking_budgets must be numbers >= 0")):
         rc, _, err = run_script("eval.py", flag, value)
         assert rc == 1 and err.strip().startswith(f"eval.py: error: {message}")

@@ -161,6 +161,20 @@ def test_direct_random_answers_a_quarter_of_all_problems_without_thinking(tmp_pa
         assert 0.15 < counts[is_easy, True] / (counts[is_easy, True] + counts[is_easy, False]) < 0.35
 
 
+def test_task_weights_change_the_mix(tmp_path):
+    """--task_weights digitsum=16,word=0: a task left out of the default mix comes in (about half the documents),
+    one is dropped, and meta.json records the mix."""
+    main(["--max_samples", "2000", "--task_weights", "digitsum=16,word=0", "--out_dir", str(tmp_path)])
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["task_weights"] == {**prepare.TASK_WEIGHTS, "digitsum": 16, "word": 0}
+    questions = [chat_of(ids)[0] for ids, _ in read_split(tmp_path, "train") + read_split(tmp_path, "val")]
+    digitsum = sum("digits of" in q for q in questions) / len(questions)
+    assert 0.4 < digitsum < 0.6 and not any("How many" in q and "have" in q for q in questions)
+    for bad in ("digitsum", "nosuch=3", "add=-1", "add=0,sub=0,mul=0,sort=0,count=0,max=0,word=0,smalltalk=0"):
+        line = one_line_error(run_script("prepare.py", "--task_weights", bad, "--out_dir", tmp_path / "x"))
+        assert "--task_weights" in line
+
+
 def test_bins_reproduce_the_rendered_documents(tmp_path):
     main(["reasoning", "--max_samples", "3000", "--seed", "7", "--out_dir", str(tmp_path)])
     rendered = [tuple(render_conversation(d, BYTE)[0]) for d in reasoning_documents(3000, 7, Difficulty())]

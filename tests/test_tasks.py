@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tasks import EASY_TASKS, TASKS, Difficulty, check_answer, heldout_items, sample_problem
+from tasks import EASY_TASKS, EXTRA_TASKS, TASKS, Difficulty, check_answer, heldout_items, sample_problem
 
 
 def solve(question):
@@ -141,6 +141,25 @@ def test_sort_lists_cover_what_people_type():
     assert share(lambda xs: min(xs) < 10) > 0.7 and share(lambda xs: max(xs) < 10) > 0.05
     assert share(lambda xs: min(xs) >= 10) > 0.05 and share(lambda xs: len(set(xs)) < len(xs)) > 0.1
     assert {len(xs) for xs in lists} == {3, 4, 5}
+
+
+def test_digitsum_is_left_out_of_the_default_mix_and_traced_digit_by_digit():
+    assert EXTRA_TASKS == ["digitsum"] and "digitsum" not in TASKS
+    rng, lengths = random.Random(0), collections.Counter()
+    for _ in range(2000):
+        question, thinking, answer = sample_problem("digitsum", rng, Difficulty())
+        n = re.search(r"digits of (\d+)", question)[1]
+        assert int(answer) == sum(map(int, n)), question  # independent of tasks.py
+        lines = thinking.splitlines()
+        assert lines[0].split() == list(n) and len(lines) == len(n)  # spelled, then one addition per digit
+        for expr, value in (line.split("=") for line in lines[1:]):
+            assert eval(expr) == int(value)
+        assert lines[-1].endswith(f"={answer}") or len(n) == 1
+        lengths[len(n)] += 1
+    assert set(lengths) == set(range(1, 7)) and lengths[6] > 250  # every length, long ones common
+    items = list(heldout_items(20, tasks=["digitsum", "add"]))
+    assert [t for t, _, _ in items[:4]] == ["digitsum", "add", "digitsum", "add"]
+    assert check_answer("digitsum", " 15.", "15") and not check_answer("digitsum", "16", "15")
 
 
 def test_check_answer():
