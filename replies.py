@@ -1,15 +1,20 @@
 """
-Replies: the assistant's turn generated, streamed and read (its thinking, its answer), and whether it is right.
+Replies: the assistant's turn generated, streamed and read (its thinking, its answer), and whether it is right
+(one reply; held-out accuracy, rl.py's and dpo.py's evaluation), and a reply's log-probabilities under a model.
 """
 import time
 from dataclasses import dataclass, field
 
+import torch
+from tqdm import tqdm
+
 from tasks import check_answer
-from tokenizer import TextStream, all_special_ids, special_ids, split_thinking
+from tokenizer import TextStream, all_special_ids, render_prompt, special_ids, split_thinking
 
 # The special tokens that may occur inside an assistant reply; any other one (<|/assistant|>, <|eos|>, or
 # the model starting a turn of its own such as <|user|>) ends the reply and is never shown.
 REPLY_TOKENS = ("<|think|>", "<|/think|>", "<|no_think|>", "<|assistant|>")
+VALIDATION_SEED = 7  # rl.py's and dpo.py's held-out items: eval.py draws its own (another seed), not chosen on
 
 
 def reply_stop_ids(enc):
@@ -135,3 +140,52 @@ def is_correct(reply, task, answer):
     text after the thinking) checks out (tasks.check_answer). A reply cut off by max_new_tokens or the context
     is wrong whatever its text says so far: the model never committed to it."""
     return reply.finish == "stop" and check_answer(task, reply.answer, answer)
+
+
+@torch.no_grad()
+def greedy_rewards(model, enc, items, max_new_tokens, ctx, reasoning="on"):
+    """Greedy answers to (task, messages, answer) items in a reasoning mode -> (rewards: 1.0 right, 0.0 not;
+    replies)."""
+    prompts = [render_prompt(messages, enc, reasoning) for _, messages, _ in items]
+    model.eval()
+    with ctx:
+        replies = generate_replies(model, enc, prompts, dict(max_new_tokens=max_new_tokens, temperature=0.0))
+    model.train()
+    return [float(is_correct(r, task, answer)) for (task, _, answer), r in zip(items, replies)], replies
+
+
+def evaluate(model, enc, items, max_new_tokens, ctx, reasoning):
+    """Greedy answers to held-out items -> ({task: accuracy}, mean thinking tokens)."""
+    rewards, replies = greedy_rewards(model, enc, items, max_new_tokens, ctx, reasoning)
+    correct, counts = {}, {}
+    for (task, _, _), r in zip(items, rewards):
+        correct[task] = correct.get(task, 0) + r
+        counts[task] = counts.get(task, 0) + 1
+    accuracy = {task: correct[task] / counts[task] for task in counts}
+    return accuracy, sum(r.thinking_tokens for r in replies) / len(replies)
+
+
+def report_heldout(log, iter_num, accuracy, thinking):
+    """Log (a training.MetricsLog) and print a held-out evaluation -> the overall accuracy."""
+    overall = sum(accuracy.values()) / len(accuracy)
+    log.write(iter=iter_num, heldout_accuracy=overall, heldout_thinking_tokens=thinking,
+              **{f"heldout_{t}": a for t, a in accuracy.items()})
+    tqdm.write(f"step {iter_num}: held-out accuracy {overall:.1%} ("
+               + ", ".join(f"{t} {a:.0%}" for t, a in accuracy.items()) + f"), thinking {thinking:.0f} tokens")
+    return overall
+
+
+def reply_token_losses(model, prompts, replies, ctx):
+    """-log p of each reply token after its prompt (token id lists; row i is prompts[i] + replies[i], stop token
+    included) -> (rows, T): position j holds the loss of token j + 1 where that is a reply token, else 0 (the
+    prompt, and the right padding of shorter rows, which causal attention keeps from the others)."""
+    length = max(len(p) + len(r) for p, r in zip(prompts, replies))
+    idx = torch.zeros(len(replies), length, dtype=torch.long)
+    targets = torch.full((len(replies), length), -1, dtype=torch.long)
+    for row, (prompt, reply) in enumerate(zip(prompts, replies)):
+        seq = torch.tensor(prompt + reply)
+        idx[row, :len(seq)] = seq
+        targets[row, len(prompt) - 1:len(seq) - 1] = seq[len(prompt):]  # position i predicts token i + 1
+    idx, targets = idx[:, :-1].to(model.device), targets[:, :-1].to(model.device)
+    with ctx:
+        return model(idx, targets, reduction="none")[1]  # -log p(token), 0 on padding

@@ -38,7 +38,8 @@ from checkpoints import build_model
 from common import StopFlag, UserError, load_tokenizer
 from data import check_tokenizer, get_batch, load_data, random_starts, read_gsm8k, to_device
 from device import DTYPES, amp_dtype, autocast, inference_dtype, resolve_device
-from replies import generate_replies, is_correct
+from replies import (VALIDATION_SEED, evaluate, generate_replies, greedy_rewards, is_correct, report_heldout,
+                     reply_token_losses)
 from tasks import TASKS, difficulty_of, heldout_items, sample_problem
 from tokenizer import render_prompt
 from training import (MetricsLog, check_optimizer_settings, clip_gradients, exit_if_stopped, make_optimizer,
@@ -95,7 +96,6 @@ seed = 1337
 DEFAULTS = configurator.defaults_of(globals())
 CHOICES = {"device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", *DTYPES), "optimizer": ("adamw", "muon"),
            "reasoning": ("on", "auto")}
-VALIDATION_SEED = 7  # eval.py scores held-out problems drawn with another seed: best.pt is not chosen on them
 
 
 # ----------------------------------------------------------------------------- settings and problems
@@ -192,39 +192,8 @@ def sample_groups(model, enc, problems, cfg, ctx, generator):
 def policy_loss(model, prompt, replies, advantages, constant, ctx):
     """-sum(advantage * log p(token)) / constant over the reply tokens of one group (stop tokens included:
     ending the turn is learned too). Replies (token id lists) are right-padded; padding is not scored."""
-    length = len(prompt) + max(len(r) for r in replies)
-    idx = torch.zeros(len(replies), length, dtype=torch.long)
-    targets = torch.full((len(replies), length), -1, dtype=torch.long)
-    for row, reply in enumerate(replies):
-        seq = torch.tensor(prompt + reply)
-        idx[row, :len(seq)] = seq
-        targets[row, len(prompt) - 1:len(seq) - 1] = seq[len(prompt):]  # position i predicts token i + 1
-    idx, targets = idx[:, :-1].to(model.device), targets[:, :-1].to(model.device)
-    with ctx:
-        _, token_losses = model(idx, targets, reduction="none")  # -log p(token), 0 on padding
+    token_losses = reply_token_losses(model, [prompt] * len(replies), replies, ctx)
     return (torch.tensor(advantages, device=model.device)[:, None] * token_losses).sum() / constant
-
-
-@torch.no_grad()
-def greedy_rewards(model, enc, items, max_new_tokens, ctx, reasoning="on"):
-    """Greedy answers to (task, messages, answer) items in a reasoning mode -> (rewards, replies)."""
-    prompts = [render_prompt(messages, enc, reasoning) for _, messages, _ in items]
-    model.eval()
-    with ctx:
-        replies = generate_replies(model, enc, prompts, dict(max_new_tokens=max_new_tokens, temperature=0.0))
-    model.train()
-    return [reward(r, task, answer) for (task, _, answer), r in zip(items, replies)], replies
-
-
-def evaluate(model, enc, items, max_new_tokens, ctx, reasoning):
-    """Greedy answers to held-out items -> ({task: accuracy}, mean thinking tokens)."""
-    rewards, replies = greedy_rewards(model, enc, items, max_new_tokens, ctx, reasoning)
-    correct, counts = {}, {}
-    for (task, _, _), r in zip(items, rewards):
-        correct[task] = correct.get(task, 0) + r
-        counts[task] = counts.get(task, 0) + 1
-    accuracy = {task: correct[task] / counts[task] for task in counts}
-    return accuracy, sum(r.thinking_tokens for r in replies) / len(replies)
 
 
 def screen_problems(model, enc, candidates, n, max_new_tokens, ctx, reasoning):
@@ -288,16 +257,6 @@ def supervised_mixin(model, bins, cfg, iter_num, scaler, ctx):
         scaler.scale(cfg.sft_coef * share * loss).backward()
         sft_loss += share * loss.item()
     return {"sft_loss": sft_loss}
-
-
-def report_heldout(log, iter_num, accuracy, thinking):
-    """Log and print a held-out evaluation -> the overall accuracy."""
-    overall = sum(accuracy.values()) / len(accuracy)
-    log.write(iter=iter_num, heldout_accuracy=overall, heldout_thinking_tokens=thinking,
-              **{f"heldout_{t}": a for t, a in accuracy.items()})
-    tqdm.write(f"step {iter_num}: held-out accuracy {overall:.1%} ("
-               + ", ".join(f"{t} {a:.0%}" for t, a in accuracy.items()) + f"), thinking {thinking:.0f} tokens")
-    return overall
 
 
 def log_step(log, bar, iter_num, task_rewards, groups, flat, sample_seconds, pass_rates, **metrics):
