@@ -14,7 +14,7 @@ import os
 import torch
 
 from common import UserError
-from lora import file_sha256, merge_adapters
+from lora import add_lora, file_sha256, lora_record, merge_adapters, parse_targets
 from model import Forge, ModelConfig
 
 
@@ -71,6 +71,23 @@ def build_model(model_args, state_dict=None, source=None, device="cpu"):
         message = str(e).splitlines()[0]
         raise UserError(f"{source}: its weights do not fit its model_args ({message})" if source else message) from None
     return model
+
+
+def build_run_model(model_args, ckpt, source, cfg, device="cpu"):
+    """(model, LoRA record or None) of a training run (train.py, rl.py) that starts from ckpt, read from source, and
+    trains LoRA adapters when cfg.lora_rank > 0 (then the record is what its checkpoints say of them, lora.py). A
+    resumed LoRA run gets its base's own weights with its adapters on top, unmerged; a new one adapts ckpt's weights
+    (a LoRA checkpoint's merged) and pins source as its base."""
+    resumed = cfg.resume and "lora" in ckpt
+    model = build_model(model_args, read_base(source, ckpt["lora"])["model"] if resumed else ckpt["model"], source,
+                        device)
+    if not cfg.lora_rank:
+        return model, None
+    add_lora(model, cfg.lora_rank, cfg.lora_alpha, parse_targets(cfg.lora_targets), cfg.seed)
+    if resumed:
+        model.load_state_dict(ckpt["adapters"], strict=False)
+        return model, ckpt["lora"]
+    return model, lora_record(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, source)
 
 
 def load_checkpoint(path, device="cpu"):

@@ -25,12 +25,12 @@ class LoRALinear(nn.Module):
     """A bias-free linear layer whose weight is frozen, plus the trainable low-rank update. It keeps the layer's own
     weight Parameter under the same name, so the base's state dict loads into the adapted model unchanged."""
 
-    def __init__(self, base, rank, alpha):
+    def __init__(self, base, rank, alpha, generator):
         super().__init__()
         self.weight = base.weight.requires_grad_(False)
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=self.weight.device))
+        a = nn.init.kaiming_uniform_(torch.empty(rank, base.in_features), math.sqrt(5), generator=generator)
+        self.lora_a = nn.Parameter(a.to(self.weight.device))  # nn.Linear's own init, as the LoRA paper's code
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=self.weight.device))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # nn.Linear's own init, as the LoRA paper's code
         self.scale = alpha / rank
 
     def forward(self, x):
@@ -47,17 +47,18 @@ def parse_targets(targets):
     return names
 
 
-def add_lora(model, rank, alpha, targets):
+def add_lora(model, rank, alpha, targets, seed=0):
     """Freeze model and put adapters of rank `rank` on the matrices of every block named in targets (parse_targets's
-    names) -> the number of trainable parameters. Draws A from torch's global RNG: seed before for a repeatable run."""
+    names) -> the number of trainable parameters. The A matrices are drawn from seed alone."""
     if rank < 1:
         raise UserError(f"lora_rank={rank}: the adapters' rank must be at least 1")
     model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
     for block in model.blocks:
         for part in (block.attn, block.mlp):
             for name in targets:
                 if hasattr(part, name):
-                    setattr(part, name, LoRALinear(getattr(part, name), rank, alpha))
+                    setattr(part, name, LoRALinear(getattr(part, name), rank, alpha, generator))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

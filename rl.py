@@ -34,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 import configurator
-from checkpoints import build_model
+from checkpoints import build_run_model
+from lora import parse_targets
 from common import StopFlag, UserError, load_tokenizer
 from data import check_tokenizer, get_batch, load_data, random_starts, read_gsm8k, to_device
 from device import DTYPES, amp_dtype, autocast, inference_dtype, resolve_device
@@ -84,6 +85,9 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
 grad_checkpoint = False    # recompute activations in backward: less memory for long replies on small GPUs
+lora_rank = 0              # > 0: train LoRA adapters of this rank on the block matrices only, as train.py's
+lora_alpha = 16.0          # the adapters' update is scaled by lora_alpha / lora_rank
+lora_targets = "all"       # all, or a comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 sft_coef = 0.3             # > 0: also learn this times the supervised loss on a batch of data_dir's training data
 sft_batch_size = 32        # windows of the init checkpoint's block_size per step for that loss
 micro_batch = 8            # rows (replies, or sft windows) per forward and backward pass of the update: memory
@@ -110,7 +114,8 @@ def settings(argv):
     config["data_dir"] = config["data_dir"] or ckpt.get("config", {}).get("data_dir", "")
     cfg = SimpleNamespace(**config)
     configurator.check_ranges(cfg, at_least_one=("max_iters", "problems_per_step", "screen", "group_size",
-                                                 "max_new_tokens", "eval_interval", "eval_items", "ckpt_interval"))
+                                                 "max_new_tokens", "eval_interval", "eval_items", "ckpt_interval"),
+                              non_negative=("lora_rank",))
     if cfg.group_size < 2:
         raise UserError("group_size must be at least 2: the baseline of a reply is its group's mean reward")
     if not 0 < cfg.top_p <= 1 or cfg.top_k < 0 or cfg.temperature <= 0 or cfg.learning_rate < 0 or cfg.muon_lr < 0:
@@ -121,6 +126,7 @@ def settings(argv):
         raise UserError("sft_coef > 0 mixes in the supervised loss on prepared data, and the init checkpoint names "
                         "no data_dir: pass --data_dir=DIR (or --sft_coef=0)")
     check_optimizer_settings(cfg)
+    parse_targets(cfg.lora_targets)  # a one-line error now rather than after the model is loaded
     return cfg, ckpt
 
 
@@ -296,7 +302,8 @@ def main(argv):
     # Dropout off: the log-probabilities of the update must be those of the policy that sampled the replies.
     model_args = ckpt["model_args"] | {"dropout": 0.0, "grad_checkpoint": cfg.grad_checkpoint}
     source = os.path.join(cfg.out_dir, "ckpt.pt") if cfg.resume else cfg.init_from
-    model = build_model(model_args, ckpt["model"], source).to(device).train()
+    model, lora = build_run_model(model_args, ckpt, source, cfg)  # lora: the adapters' record, LoRA runs only
+    model = model.to(device).train()
     # Generation runs in the precision sample.py would pick (fp32 for small models on a CPU, where half
     # precision only adds per-op overhead), the update in train.py's.
     sample_dtype = inference_dtype(device_type, cfg.dtype, model.num_params()["total"])
@@ -311,7 +318,7 @@ def main(argv):
 
     def save(name):
         save_run(os.path.join(cfg.out_dir, name), model, asdict(model.config), tokenizer, config, optimizer, scaler,
-                 iter_num, init_from=init_from, best_accuracy=best_accuracy, pass_rates=problems.pass_rate)
+                 iter_num, lora, init_from=init_from, best_accuracy=best_accuracy, pass_rates=problems.pass_rate)
 
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), iter_num if cfg.resume else None)
     tqdm.write(f"rl: {init_from if not cfg.resume else cfg.out_dir + '/ckpt.pt'} "

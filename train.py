@@ -31,12 +31,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import configurator
-from checkpoints import build_model, read_base
+from checkpoints import build_model, build_run_model
 from common import StopFlag, UserError
 from data import check_tokenizer, get_batch, load_data, random_starts, to_device
 from device import (DTYPES, amp_dtype, autocast, choose_compile, compile_model, cpu_auto_dtype, peak_flops,
                     print_memory_estimate, setup_process)
-from lora import add_lora, lora_record, parse_targets
+from lora import add_lora, parse_targets
 from tokenizer import tokenizer_name
 from distill import distillation_loss, load_teacher
 from training import (MetricsLog, add_nan_hook, check_optimizer_settings, clip_gradients, exit_if_stopped, get_lr,
@@ -152,27 +152,20 @@ def check_config(cfg):
 
 def model_for_run(cfg, meta, ckpt, device="cpu"):
     """(model args, model, LoRA record or None): fresh, or with a checkpoint's weights (cfg holds its architecture
-    then), with LoRA adapters on top (lora_rank: the record is what its checkpoints say of them, lora.lora_record);
-    the vocabulary is the data's. device="meta" builds the shapes only (dry_run: no memory, no time)."""
+    then), with LoRA adapters on top (lora_rank: checkpoints.build_run_model); the vocabulary is the data's.
+    device="meta" builds the shapes only (dry_run: no memory, no time)."""
     if ckpt is not None:
         check_tokenizer(meta, ckpt.get("tokenizer"), cfg.data_dir)
     stored = ckpt["model_args"] if ckpt is not None else {}  # fields train.py has no setting for (rope_theta...)
     args = stored | {k: getattr(cfg, k) for k in ARCHITECTURE} | dict(vocab_size=meta["vocab_size"],
         block_size=cfg.block_size, dropout=cfg.dropout, grad_checkpoint=cfg.grad_checkpoint)
-    source = os.path.join(cfg.out_dir, "ckpt.pt") if cfg.resume else cfg.init_from
     if ckpt is None or device == "meta":
         model = build_model(args, device=device)
-    elif cfg.resume and "lora" in ckpt:  # the base's own weights; the adapters go on top, unmerged
-        model = build_model(args, read_base(source, ckpt["lora"])["model"], source, device)
-    else:
-        model = build_model(args, ckpt["model"], source, device)
-    if not cfg.lora_rank:
+        if cfg.lora_rank:  # the dry run of a LoRA run: its adapters are counted
+            add_lora(model, cfg.lora_rank, cfg.lora_alpha, parse_targets(cfg.lora_targets), cfg.seed)
         return args, model, None
-    add_lora(model, cfg.lora_rank, cfg.lora_alpha, parse_targets(cfg.lora_targets))
-    if cfg.resume:  # the adapters being continued, and the record of their base
-        model.load_state_dict(ckpt["adapters"], strict=False)
-        return args, model, ckpt["lora"]
-    return args, model, lora_record(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.init_from)
+    source = os.path.join(cfg.out_dir, "ckpt.pt") if cfg.resume else cfg.init_from
+    return args, *build_run_model(args, ckpt, source, cfg, device)
 
 
 # ----------------------------------------------------------------------------- training

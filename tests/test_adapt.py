@@ -75,6 +75,15 @@ def test_only_adapters_train_and_their_count_is_rank_times_in_plus_out():
     assert mem["weights"] == 4 * model.num_params()["total"]
 
 
+def test_adapters_are_drawn_from_their_seed_alone():
+    models = [tiny_model() for _ in range(3)]
+    for model, seed in zip(models, (5, 5, 6)):
+        torch.manual_seed(seed * 7)  # the global RNG plays no part
+        lora.add_lora(model, 4, 8.0, lora.TARGETS, seed)
+    a = [lora.adapter_state(m)["blocks.1.mlp.up_proj.lora_a"] for m in models]
+    assert torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])
+
+
 @pytest.mark.parametrize("targets", ["qproj", "", "all,q_proj", "q_proj,wq"])
 def test_targets_that_match_no_matrix_are_refused(targets):
     with pytest.raises(UserError, match="matches no block matrix"):

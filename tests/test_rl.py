@@ -20,6 +20,7 @@ import torch
 import rl
 from conftest import (BYTE, ROOT, SP, ScriptedModel, all_logits, text_ids, tiny_model, tokenizer_spec,
                       write_checkpoint)
+from checkpoints import load_checkpoint
 from replies import generate_reply
 from tokenizer import render_prompt
 
@@ -340,3 +341,26 @@ def test_gsm8k_presets_hold_out_the_test_split(tmp_path, monkeypatch):
     problems = rl.Problems(SimpleNamespace(**{**vars(cfg), "eval_items": 11}), difficulty=None)
     assert train[0]["question"] not in [messages[0]["content"] for _, messages, _ in problems.train]
     assert len(problems.train) == len(train) - 1
+
+
+def test_lora_rl_trains_adapters_only_and_resumes_exactly(tmp_path, monkeypatch):
+    """lora_rank > 0: the checkpoints hold the adapters (q_proj and up_proj here) and their base; loaded, the merged
+    model differs from the init model in those matrices alone; an interrupted run resumes to the same adapters."""
+    monkeypatch.setattr(rl, "reward", lambda reply, task, answer: float(len(reply.ids) % 2))
+    init = write_checkpoint(tiny_model(seed=2), tmp_path / "init.pt")
+    args = [*ARGS, "--lora_rank=2", "--lora_targets=q_proj,up_proj"]
+    rl.main([f"--init_from={init}", f"--out_dir={tmp_path}/straight", *args])
+    monkeypatch.setattr(rl, "StopFlag", lambda: StopAfter(2))
+    with pytest.raises(SystemExit):
+        rl.main([f"--init_from={init}", f"--out_dir={tmp_path}/resumed", *args])
+    monkeypatch.setattr(rl, "StopFlag", lambda: StopAfter(10 ** 9))
+    rl.main(["--resume", f"--out_dir={tmp_path}/resumed"])
+    straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
+    assert straight["lora"]["base"] == init and straight["model"].keys() == resumed["model"].keys()
+    assert {k.rsplit(".", 2)[-2] for k in straight["model"]} == {"q_proj", "up_proj"}
+    assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
+    merged, _ = load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
+    base = torch.load(init, weights_only=True)["model"]
+    changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, base[k])}
+    assert changed and {k.rsplit(".", 2)[-2] for k in changed} <= {"q_proj", "up_proj"}
