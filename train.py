@@ -135,7 +135,7 @@ def check_config(cfg):
     for name, of in (("decay_frac", "the iterations"), ("distill_coef", "the loss")):
         if getattr(cfg, name) > 1:
             raise UserError(f"{name}={getattr(cfg, name)} is a share of {of}: at most 1")
-    if cfg.lora_rank and not (cfg.init_from or cfg.resume):
+    if cfg.lora_rank and not (cfg.init_from or cfg.resume or cfg.dry_run):
         raise UserError("lora_rank > 0 adapts a trained model: give it one with --init_from=CKPT")
     parse_targets(cfg.lora_targets)
     check_optimizer_settings(cfg)

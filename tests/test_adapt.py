@@ -228,3 +228,13 @@ def test_distilled_run_learns_toward_its_teacher(base_ckpt, reasoning_data, tmp_
     assert len(losses) == 2 and losses[1] < losses[0]  # the eval loss is the data's: it falls with the teacher's help
     student, _ = load_checkpoint(f"{tmp_path}/s/ckpt.pt")
     assert student.config.n_layer == 1
+
+
+def test_dry_run_estimates_a_lora_run_without_a_checkpoint():
+    """Will LoRA fit my card? Forge-1 Mini's dry run, with and without rank-8 adapters: the gradients and AdamW
+    moments shrink to the adapters' (1.07% of the model)."""
+    full = run_train("config/mini_t4.py", "--dry_run")[1]
+    adapted = run_train("config/mini_t4.py", "--dry_run", "--lora_rank=8")[1]
+    assert "trainable: 3,489,792 parameters, 1.07% of the model" in adapted
+    gib = [float(re.search(r"= ([\d.]+) GiB", out)[1]) for out in (full, adapted)]
+    assert gib[1] < 4 < gib[0]  # a 4 GB card: not a full fine-tune of Mini, but its LoRA
