@@ -325,7 +325,7 @@ def main(argv):
     use_compile = choose_compile(cfg.compile, device_type, amp)
     describe_start(cfg, ckpt, splits, device, amp, use_compile, iter_num, say, master)
     del ckpt
-    ctx, teacher = autocast(device_type, amp), load_teacher(cfg.teacher, meta, device)  # None without a teacher
+    ctx = autocast(device_type, amp)
     T, B = stage_at(cfg, iter_num)
     train_tokens, train_mask, train_index = splits["train"]
 
@@ -335,6 +335,7 @@ def main(argv):
     t0 = time.perf_counter()
     model = compile_model(raw_model, next_batch(), ctx) if use_compile else raw_model
     compile_time, use_compile = time.perf_counter() - t0, model is not raw_model
+    teacher = load_teacher(cfg.teacher, meta, device, use_compile)  # None without one
     train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None,
                       gradient_as_bucket_view=True) if world > 1 else model
     add_nan_hook(train_model, iter_num, cfg.grad_accum)
