@@ -319,7 +319,6 @@ def main(argv):
     describe(cfg, meta, raw_model, amp, world, device, master, say)
     if cfg.dry_run:
         return raw_model
-
     optimizer, scaler = make_optimizer(raw_model.to(device), cfg, device_type, amp, ckpt)
     iter_num, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if cfg.resume else (0, float("inf"))
     use_compile = choose_compile(cfg.compile, device_type, amp)
