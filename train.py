@@ -267,7 +267,7 @@ def train_step(train_model, raw_model, next_batch, optimizer, scaler, cfg, ctx, 
         with contextlib.nullcontext() if world == 1 or last else train_model.no_sync():
             with ctx:
                 loss = (distillation_loss(train_model, teacher, x, y, cfg.distill_coef, cfg.distill_temperature)
-                        if teacher else train_model(x, y)[1]) / cfg.grad_accum  # [1]: the loss, no logits
+                        if teacher is not None else train_model(x, y)[1]) / cfg.grad_accum  # [1]: the loss, no logits
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
     stats = torch.stack([loss_sum.float(), torch.tensor(float(stop.signum > 0), device=raw_model.device)])

@@ -220,9 +220,10 @@ def test_teacher_with_another_tokenizer_is_a_one_line_error(tmp_path, reasoning_
 
 
 def test_distilled_run_learns_toward_its_teacher(base_ckpt, reasoning_data, tmp_path):
-    """A smaller student distilled from the tiny base: runs, says so, and its KL to the teacher falls."""
+    """A smaller student distilled from the tiny base, both compiled: runs, says so, and its loss falls."""
     _, out, _ = run_train(f"--teacher={base_ckpt}", "--distill_coef=1.0", "--n_layer=1", "--max_iters=15",
-                          "--eval_interval=15", f"--data_dir={reasoning_data}", f"--out_dir={tmp_path}/s")
+                          "--eval_interval=15", f"--data_dir={reasoning_data}", f"--out_dir={tmp_path}/s",
+                          "--compile=True", "--dtype=bfloat16")  # where it runs by default: the teacher compiled too
     assert f"distilling {base_ckpt}" in out
     losses = [float(v) for v in re.findall(r"iter \d+: train loss [\d.]+, val loss ([\d.]+)", out)]
     assert len(losses) == 2 and losses[1] < losses[0]  # the eval loss is the data's: it falls with the teacher's help
