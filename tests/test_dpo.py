@@ -63,6 +63,17 @@ def test_the_loss_equals_a_hand_computation_from_a_full_recomputation():
     assert SP["<|think|>"] not in encoded[4][0]  # a user's literal <|think|> stays text
 
 
+def test_the_nll_term_adds_the_chosen_replies_log_likelihood_per_token():
+    encoded = [dpo.encode_pair(dpo.parse_pair(r), BYTE) for r in RECORDS[:3]]
+    reference, policy = tiny_model(seed=1), tiny_model(seed=2)
+    ref = dpo.reference_logprobs(reference, encoded, 3, NO_GRAD_CTX)
+    plain = dpo.dpo_step(policy, encoded, ref, [0, 1, 2], 0.1, 3, FakeScaler(), NO_GRAD_CTX)
+    with_nll = dpo.dpo_step(policy, encoded, ref, [0, 1, 2], 0.1, 3, FakeScaler(), NO_GRAD_CTX, nll_coef=0.5)
+    nll = [-naive_logprob(policy, prompt, c) / len(c) for prompt, c, _ in encoded]
+    assert with_nll["chosen_nll"] == pytest.approx(sum(nll) / 3, rel=1e-4)
+    assert with_nll["loss"] == pytest.approx(plain["loss"] + 0.5 * sum(nll) / 3, rel=1e-4)
+
+
 class FakeScaler:
     def scale(self, loss):
         return loss
