@@ -73,16 +73,16 @@ reasoning = "on"           # the replies' mode (sampled and evaluated): "on" for
                            # model choose (then whether to think is part of the pair)
 temperature = 1.0
 # DPO
-beta = 0.1                 # the paper's: how far from the reference the implicit reward lets the policy go
+beta = 0.5                 # how far from the reference the implicit reward lets the policy go (the paper: 0.1;
+                           # here 0.5 with learning_rate 2e-5 lost least, docs/adapt.md)
 nll_coef = 1.0             # + this x the chosen reply's negative log-likelihood per token (Pang et al. 2024, IRPO:
-                           # on reasoning, DPO alone lowers the chosen replies' likelihood too; here held-out
-                           # accuracy fell from 95.4% to 88.4% in 24 steps without it, docs/adapt.md)
+                           # on reasoning, DPO alone lowers the chosen replies' likelihood too; docs/adapt.md)
 max_iters = 48             # 3 passes over 256 pairs in batches of 16
 batch_size = 16            # pairs per step
 micro_batch = 8            # pairs per forward and backward pass (two rows each): memory, not the gradient
 optimizer = "adamw"        # adamw | muon, as in train.py (a fresh optimizer)
-learning_rate = 5e-5       # half rl.py's 1e-4: DPO revisits the same pairs every pass (rl.py samples afresh each
-                           # step), and overtrained it lowers the chosen replies' likelihood too
+learning_rate = 2e-5       # a fifth of rl.py's 1e-4: DPO's summed log-probs make far larger steps than rl.py's
+                           # per-token policy gradient; 5e-5 took held-out accuracy from 95.4% to 84-88% in 48 steps
 muon_lr = 0.0              # optimizer=muon: the matrices' learning rate; 0: learning_rate
 warmup_iters = 5           # linear warmup, then constant: the DPO paper's schedule
 weight_decay = 0.0

@@ -178,8 +178,11 @@ def report_heldout(log, iter_num, accuracy, thinking):
 def reply_token_losses(model, prompts, replies, ctx):
     """-log p of each reply token after its prompt (token id lists; row i is prompts[i] + replies[i], stop token
     included) -> (rows, T): position j holds the loss of token j + 1 where that is a reply token, else 0 (the
-    prompt, and the right padding of shorter rows, which causal attention keeps from the others)."""
-    length = max(len(p) + len(r) for p, r in zip(prompts, replies))
+    prompt, and the right padding of shorter rows, which causal attention keeps from the others). Rows are padded
+    to a multiple of 64 tokens: a handful of shapes instead of one per reply length, so the kernels oneDNN builds
+    and caches per shape under bf16 autocast stay few (rl.py's peak RSS: docs/rl.md#memory)."""
+    longest = max(len(p) + len(r) for p, r in zip(prompts, replies))
+    length = max(longest, min(-(-longest // 64) * 64, model.config.block_size + 1))
     idx = torch.zeros(len(replies), length, dtype=torch.long)
     targets = torch.full((len(replies), length), -1, dtype=torch.long)
     for row, (prompt, reply) in enumerate(zip(prompts, replies)):
