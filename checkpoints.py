@@ -13,7 +13,8 @@ import os
 
 import torch
 
-from common import UserError
+from common import UserError, load_tokenizer
+from device import amp_dtype, autocast, inference_dtype, resolve_device
 from lora import add_lora, file_sha256, lora_record, merge_adapters, parse_targets
 from model import Forge, ModelConfig
 
@@ -88,6 +89,29 @@ def build_run_model(model_args, ckpt, source, cfg, device="cpu"):
         model.load_state_dict(ckpt["adapters"], strict=False)
         return model, ckpt["lora"]
     return model, lora_record(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, source)
+
+
+def chat_policy(cfg, ckpt, script):
+    """What rl.py and dpo.py start from -> (model, LoRA record or None, enc, tokenizer, device, amp, ctx, sample_ctx):
+    ckpt's model on cfg.device in train mode, dropout off (the update's log-probabilities must be those of the policy
+    that sampled, and at first the reference's), with LoRA adapters when cfg.lora_rank > 0 (build_run_model); its
+    tokenizer (a trained one's whole dict, for the script's checkpoints), which must have the chat tokens; the
+    autocast dtype and context of the update (train.py's precision) and the context of sampling (sample.py's:
+    fp32 for small models on a CPU, where half precision only adds per-op overhead)."""
+    device = resolve_device(cfg.device)
+    device_type, amp = device.split(":")[0], amp_dtype(device.split(":")[0], cfg.dtype)
+    tokenizer = ckpt.get("tokenizer", "byte")
+    enc = load_tokenizer(tokenizer)
+    if "<|think|>" not in enc.special_tokens_set or ckpt["model_args"]["vocab_size"] < enc.n_vocab:
+        raise UserError(f"the checkpoint's tokenizer ({enc.name}, vocab {ckpt['model_args']['vocab_size']}) has no "
+                        f"think tokens: {script} needs a model trained on the chat format (prepare.py, train.py)")
+    model_args = ckpt["model_args"] | {"dropout": 0.0, "grad_checkpoint": cfg.grad_checkpoint}
+    source = os.path.join(cfg.out_dir, "ckpt.pt") if cfg.resume else cfg.init_from
+    model, lora = build_run_model(model_args, ckpt, source, cfg)
+    model = model.to(device).train()
+    sample_dtype = inference_dtype(device_type, cfg.dtype, model.num_params()["total"])
+    sample_ctx = autocast(device_type, None if sample_dtype == torch.float32 else sample_dtype)
+    return model, lora, enc, tokenizer, device, amp, autocast(device_type, amp), sample_ctx
 
 
 def load_checkpoint(path, device="cpu"):

@@ -43,10 +43,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import configurator
-from checkpoints import build_model
-from common import StopFlag, UserError, load_tokenizer
+from checkpoints import chat_policy
+from common import StopFlag, UserError
 from data import load_data
-from device import DTYPES, amp_dtype, autocast, inference_dtype, resolve_device
+from device import DTYPES
+from lora import parse_targets
 from replies import VALIDATION_SEED, evaluate, generate_replies, is_correct, reply_token_losses, report_heldout
 from tasks import TASKS, difficulty_of, heldout_items, sample_problem
 from tokenizer import render_conversation, render_prompt
@@ -90,6 +91,9 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
 grad_checkpoint = False    # recompute activations in backward: less memory for long pairs
+lora_rank = 0              # > 0: train LoRA adapters of this rank on the block matrices only, as train.py's
+lora_alpha = 16.0          # the adapters' update is scaled by lora_alpha / lora_rank
+lora_targets = "all"       # all, or a comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 # system
 device = "auto"
 dtype = "auto"             # as train.py: auto | float32 | bfloat16 | float16
@@ -113,7 +117,9 @@ def settings(argv):
     configurator.check_ranges(cfg, at_least_one=("max_iters", "num_pairs", "max_prompts", "samples_per_prompt",
                                                  "max_new_tokens", "batch_size", "micro_batch",
                                                  "eval_interval", "eval_items", "ckpt_interval"),
-                              non_negative=("warmup_iters", "learning_rate", "muon_lr", "weight_decay", "grad_clip"))
+                              non_negative=("warmup_iters", "learning_rate", "muon_lr", "weight_decay", "grad_clip",
+                                            "lora_rank"))
+    parse_targets(cfg.lora_targets)  # a one-line error now rather than after the model is loaded
     if cfg.samples_per_prompt < 2:
         raise UserError("samples_per_prompt must be at least 2: a pair needs a right and a wrong reply")
     if cfg.beta <= 0 or cfg.temperature <= 0 or cfg.nll_coef < 0:
@@ -310,25 +316,11 @@ def dpo_step(model, encoded, ref, indices, beta, micro_batch, scaler, ctx, nll_c
 
 def main(argv):
     cfg, ckpt = settings(argv)
-    device = resolve_device(cfg.device)
-    device_type = device.split(":")[0]
-    amp = amp_dtype(device_type, cfg.dtype)
-    ctx = autocast(device_type, amp)
-    tokenizer = ckpt.get("tokenizer", "byte")  # a trained one's whole dict: it goes into dpo.py's checkpoints too
-    enc = load_tokenizer(tokenizer)
-    if "<|think|>" not in enc.special_tokens_set or ckpt["model_args"]["vocab_size"] < enc.n_vocab:
-        raise UserError(f"the checkpoint's tokenizer ({enc.name}, vocab {ckpt['model_args']['vocab_size']}) has no "
-                        "chat tokens: DPO needs a model trained on the chat format (prepare.py, train.py)")
     if cfg.resume and "ref_logprobs" not in ckpt:
         raise UserError(f"{cfg.out_dir}/ckpt.pt is not a dpo.py run's: pick another out_dir, or --init_from it")
+    model, lora, enc, tokenizer, device, amp, ctx, sample_ctx = chat_policy(cfg, ckpt, "DPO")
     difficulty = difficulty_of(load_data(cfg.data_dir, splits=())[0] if cfg.data_dir else {})
-    # Dropout off: the policy's log-probabilities at the start must be the reference's.
-    model_args = ckpt["model_args"] | {"dropout": 0.0, "grad_checkpoint": cfg.grad_checkpoint}
     source = os.path.join(cfg.out_dir, "ckpt.pt") if cfg.resume else cfg.init_from
-    model = build_model(model_args, ckpt["model"], source).to(device).train()
-    # Sampling in sample.py's precision (fp32 for small models on a CPU), the loss in train.py's.
-    sample_dtype = inference_dtype(device_type, cfg.dtype, model.num_params()["total"])
-    sample_ctx = autocast(device_type, None if sample_dtype == torch.float32 else sample_dtype)
     tqdm.write(f"dpo: {source} ({model.num_params()['total'] / 1e6:.2f}M parameters) on {device}, "
                f"{str(amp or torch.float32).removeprefix('torch.')}; {cfg.batch_size} pairs per step, beta {cfg.beta}")
     stop = StopFlag()
@@ -343,7 +335,7 @@ def main(argv):
     origin = f"{drawn} problems sampled" if drawn is not None else cfg.pairs if not cfg.resume else "out_dir"
     tqdm.write(f"dpo: {len(records)} pairs (" + ", ".join(f"{t} {n}" for t, n in sorted(tasks.items()))
                + f") from {origin} in {t1 - t0:.1f}s; reference log-probs in {time.perf_counter() - t1:.1f}s")
-    optimizer, scaler = make_optimizer(model, cfg, device_type, amp, ckpt)
+    optimizer, scaler = make_optimizer(model, cfg, device.split(":")[0], amp, ckpt)
     iter_num, best_accuracy = (ckpt["iter_num"], ckpt["best_accuracy"]) if cfg.resume else (0, -1.0)
     init_from = ckpt.get("init_from", cfg.init_from)
     config = vars(cfg) | {"init_from": init_from}
@@ -351,7 +343,8 @@ def main(argv):
 
     def save(name):
         save_run(os.path.join(cfg.out_dir, name), model, asdict(model.config), tokenizer, config, optimizer, scaler,
-                 iter_num, init_from=init_from, best_accuracy=best_accuracy, ref_logprobs=ref, pairs_digest=digest)
+                 iter_num, lora, init_from=init_from, best_accuracy=best_accuracy, ref_logprobs=ref,
+                 pairs_digest=digest)
 
     heldout = list(heldout_items(cfg.eval_items * len(TASKS), VALIDATION_SEED, difficulty))
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), iter_num if cfg.resume else None)

@@ -34,11 +34,11 @@ import torch
 from tqdm import tqdm
 
 import configurator
-from checkpoints import build_run_model
-from lora import parse_targets
-from common import StopFlag, UserError, load_tokenizer
+from checkpoints import chat_policy
+from common import StopFlag, UserError
 from data import check_tokenizer, get_batch, load_data, random_starts, read_gsm8k, to_device
-from device import DTYPES, amp_dtype, autocast, inference_dtype, resolve_device
+from device import DTYPES
+from lora import parse_targets
 from replies import (VALIDATION_SEED, evaluate, generate_replies, greedy_rewards, is_correct, report_heldout,
                      reply_token_losses)
 from tasks import TASKS, difficulty_of, heldout_items, sample_problem
@@ -284,31 +284,14 @@ def log_step(log, bar, iter_num, task_rewards, groups, flat, sample_seconds, pas
 
 def main(argv):
     cfg, ckpt = settings(argv)
-    device = resolve_device(cfg.device)
-    device_type = device.split(":")[0]
-    amp = amp_dtype(device_type, cfg.dtype)
-    ctx = autocast(device_type, amp)
-    tokenizer = ckpt.get("tokenizer", "byte")  # a trained one's whole dict: it goes into rl.py's checkpoints too
-    enc = load_tokenizer(tokenizer)
-    if "<|think|>" not in enc.special_tokens_set or ckpt["model_args"]["vocab_size"] < enc.n_vocab:
-        raise UserError(f"the checkpoint's tokenizer ({enc.name}, vocab {ckpt['model_args']['vocab_size']}) has no "
-                        "think tokens: RL needs a model trained on the chat format (prepare.py, train.py)")
+    model, lora, enc, tokenizer, device, amp, ctx, sample_ctx = chat_policy(cfg, ckpt, "RL")
     # data_dir gives the built-in tasks' difficulty and the mix-in's training data (GSM8K needs neither)
     needs_data = cfg.data_dir and (cfg.sft_coef or not cfg.gsm8k)
     meta, bins = load_data(cfg.data_dir, splits=("train",) if cfg.sft_coef else ()) if needs_data else ({}, {})
     if bins:  # sft_coef mixes its documents in
         check_tokenizer(meta, enc.name, cfg.data_dir)
     problems = Problems(cfg, difficulty_of({} if cfg.gsm8k else meta))
-    # Dropout off: the log-probabilities of the update must be those of the policy that sampled the replies.
-    model_args = ckpt["model_args"] | {"dropout": 0.0, "grad_checkpoint": cfg.grad_checkpoint}
-    source = os.path.join(cfg.out_dir, "ckpt.pt") if cfg.resume else cfg.init_from
-    model, lora = build_run_model(model_args, ckpt, source, cfg)  # lora: the adapters' record, LoRA runs only
-    model = model.to(device).train()
-    # Generation runs in the precision sample.py would pick (fp32 for small models on a CPU, where half
-    # precision only adds per-op overhead), the update in train.py's.
-    sample_dtype = inference_dtype(device_type, cfg.dtype, model.num_params()["total"])
-    sample_ctx = autocast(device_type, None if sample_dtype == torch.float32 else sample_dtype)
-    optimizer, scaler = make_optimizer(model, cfg, device_type, amp, ckpt)
+    optimizer, scaler = make_optimizer(model, cfg, device.split(":")[0], amp, ckpt)
     iter_num, best_accuracy = (ckpt["iter_num"], ckpt["best_accuracy"]) if cfg.resume else (0, -1.0)
     if cfg.resume:
         problems.pass_rate = ckpt["pass_rates"]
