@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import glob
 import os
+import signal
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -123,6 +124,18 @@ class ScriptedModel:
                 step = dict(zip(step, force(list(step), list(step.values()))))
             yield step
             scripts = {row: it for row, it in scripts.items() if row in step and step[row] not in stop_ids}
+
+
+class StopAfter:
+    """Stands in for common.StopFlag: reads as Ctrl-C from the top of step n on."""
+
+    def __init__(self, n):
+        self.checks, self.n = 0, n
+
+    @property
+    def signum(self):
+        self.checks += 1
+        return signal.SIGINT if self.checks > self.n else 0
 
 
 def greedy_ids(model, prompt, max_new_tokens, **kwargs):

@@ -11,7 +11,8 @@ import torch
 
 import dpo
 from common import UserError
-from conftest import BYTE, SP, ScriptedModel, all_logits, run_script, text_ids, tiny_model, write_checkpoint
+from conftest import (BYTE, SP, ScriptedModel, StopAfter, all_logits, run_script, text_ids, tiny_model,
+                      write_checkpoint)
 from tasks import check_answer
 
 THINK_END, ASSISTANT, END = SP["<|/think|>"], SP["<|assistant|>"], SP["<|/assistant|>"]
@@ -193,18 +194,6 @@ def test_the_script_says_what_is_wrong_in_one_line(tmp_path):
                               "--samples_per_prompt=2", *ARGS)
     assert code == 1 and err.count("\n") == 1, err  # after the progress bar, cleared
     assert err.splitlines()[-1].split("\r")[-1].startswith("dpo.py: error: no pairs: of 2 replies"), err
-
-
-class StopAfter:
-    """Stands in for common.StopFlag: reads as Ctrl-C from the top of step n on."""
-
-    def __init__(self, n):
-        self.checks, self.n = 0, n
-
-    @property
-    def signum(self):
-        self.checks += 1
-        return signal.SIGINT if self.checks > self.n else 0
 
 
 def test_a_run_resumes_bit_for_bit_and_writes_checkpoints_the_other_scripts_load(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import rl
-from conftest import (BYTE, ROOT, SP, ScriptedModel, all_logits, text_ids, tiny_model, tokenizer_spec,
+from conftest import (BYTE, ROOT, SP, ScriptedModel, StopAfter, all_logits, text_ids, tiny_model, tokenizer_spec,
                       write_checkpoint)
 from checkpoints import load_checkpoint
 from replies import generate_reply
@@ -167,18 +167,6 @@ def test_screening_keeps_the_problems_answered_wrong_first():
 ARGS = ["--max_iters=4", "--eval_interval=2", "--ckpt_interval=2", "--eval_items=1", "--problems_per_step=2",
         "--group_size=4", "--max_new_tokens=12", "--learning_rate=1e-2", "--warmup_iters=0", "--device=cpu",
         "--dtype=float32", "--screen=1", "--sft_coef=0"]
-
-
-class StopAfter:
-    """Stands in for common.StopFlag: reads as Ctrl-C from the top of step n on."""
-
-    def __init__(self, n):
-        self.checks, self.n = 0, n
-
-    @property
-    def signum(self):
-        self.checks += 1
-        return signal.SIGINT if self.checks > self.n else 0
 
 
 def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch, reasoning_data):
