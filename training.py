@@ -34,8 +34,9 @@ def configure_optimizer(model, weight_decay, learning_rate, betas, device_type, 
         raise UserError(f"optimizer={optimizer!r}: expected adamw or muon")
     params = [p for p in model.parameters() if p.requires_grad]
     # LoRA's adapters stay with AdamW (so a LoRA run is all AdamW): its recipes and the alpha / rank scale assume Adam
-    matrices = [p for n, p in model.blocks.named_parameters() if p.requires_grad and p.dim() == 2 and "lora_" not in n]
-    if optimizer == "adamw" or not matrices:
+    matrices = [p for n, p in model.blocks.named_parameters() if p.requires_grad and p.dim() == 2
+                and "lora_" not in n] if optimizer == "muon" else []
+    if not matrices:
         return adamw(params, weight_decay, learning_rate, betas, device_type)
     in_muon = {id(p) for p in matrices}
     rest = adamw([p for p in params if id(p) not in in_muon], weight_decay, learning_rate, betas, device_type)
