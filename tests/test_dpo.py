@@ -13,6 +13,7 @@ import dpo
 from common import UserError
 from conftest import (BYTE, SP, ScriptedModel, StopAfter, all_logits, run_script, text_ids, tiny_model,
                       write_checkpoint)
+from checkpoints import load_checkpoint
 from tasks import check_answer
 
 THINK_END, ASSISTANT, END = SP["<|/think|>"], SP["<|assistant|>"], SP["<|/assistant|>"]
@@ -239,3 +240,18 @@ def test_a_run_on_self_built_pairs(tmp_path, monkeypatch):
     assert 1 <= len(records) <= 3
     ckpt = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 2 and ckpt["ref_logprobs"].shape == (len(records), 2)
+
+
+def test_lora_dpo_trains_adapters_on_a_frozen_base(tmp_path):
+    """lora_rank > 0: DPO moves the adapters alone; the checkpoint holds them and their base, and loads merged."""
+    init = write_checkpoint(tiny_model(seed=4), tmp_path / "init.pt")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:3]), encoding="utf-8")
+    dpo.main([f"--init_from={init}", f"--out_dir={tmp_path}/o", f"--pairs={pairs}", *ARGS, "--lora_rank=2",
+              "--lora_targets=v_proj"])
+    ckpt = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)
+    assert ckpt["lora"]["base"] == init and {k.rsplit(".", 2)[-2] for k in ckpt["model"]} == {"v_proj"}
+    merged, _ = load_checkpoint(str(tmp_path / "o" / "ckpt.pt"))
+    base = torch.load(init, weights_only=True)["model"]
+    changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, base[k])}
+    assert changed and all(k.endswith("v_proj.weight") for k in changed)
