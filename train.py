@@ -249,11 +249,11 @@ def describe_start(cfg, ckpt, splits, device, amp, use_compile, iter_num, say, m
         say(f"resuming {os.path.join(cfg.out_dir, 'ckpt.pt')} at iteration {iter_num}")
     elif ckpt is not None:
         say(f"initialized from {cfg.init_from} (trained {ckpt.get('iter_num', '?')} iterations); fresh optimizer")
+    elif master and os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt")):
+        say(f"warning: new run in {cfg.out_dir}: its ckpt.pt will be overwritten (--resume continues it instead)")
     if cfg.teacher:
         say(f"distilling {cfg.teacher}: loss = {1 - cfg.distill_coef:g} x data + {cfg.distill_coef:g} x "
             f"T^2 KL(teacher || student), T = {cfg.distill_temperature:g}")
-    elif master and os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt")):
-        say(f"warning: new run in {cfg.out_dir}: its ckpt.pt will be overwritten (--resume continues it instead)")
 
 
 def train_step(train_model, raw_model, next_batch, optimizer, scaler, cfg, ctx, stop, world, teacher=None):

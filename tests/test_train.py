@@ -299,7 +299,8 @@ def test_resume_is_bit_exact(reasoning_data, tmp_path, optimizer):
               f"--data_dir={reasoning_data}", *optimizer]
     run_train("--max_iters=16", f"--out_dir={tmp_path}/straight", *common)
     run_train("--max_iters=8", f"--out_dir={tmp_path}/halves", *common)
-    run_train("--resume", "--max_iters=16", f"--out_dir={tmp_path}/halves")  # the rest comes from the checkpoint
+    _, out, _ = run_train("--resume", "--max_iters=16", f"--out_dir={tmp_path}/halves")  # the rest: the checkpoint's
+    assert "resuming" in out and "will be overwritten" not in out
     assert train_losses(f"{tmp_path}/halves") == train_losses(f"{tmp_path}/straight")
     assert len(train_losses(f"{tmp_path}/straight")) == 16
     a = torch.load(f"{tmp_path}/straight/ckpt.pt", weights_only=True)
