@@ -99,7 +99,8 @@ def chat_policy(cfg, ckpt, script):
     autocast dtype and context of the update (train.py's precision) and the context of sampling (sample.py's:
     fp32 for small models on a CPU, where half precision only adds per-op overhead)."""
     device = resolve_device(cfg.device)
-    device_type, amp = device.split(":")[0], amp_dtype(device.split(":")[0], cfg.dtype)
+    device_type = device.split(":")[0]
+    amp = amp_dtype(device_type, cfg.dtype)
     tokenizer = ckpt.get("tokenizer", "byte")
     enc = load_tokenizer(tokenizer)
     if "<|think|>" not in enc.special_tokens_set or ckpt["model_args"]["vocab_size"] < enc.n_vocab:

@@ -14,9 +14,13 @@ import ast
 import builtins
 import difflib
 import os
+from types import SimpleNamespace
 
 from checkpoints import read_checkpoint
 from common import UserError
+from lora import parse_targets
+
+LORA = ("lora_rank", "lora_alpha", "lora_targets")  # the settings that give adapters their shape
 
 
 def defaults_of(namespace):
@@ -106,7 +110,8 @@ def check_ranges(cfg, at_least_one=(), non_negative=()):
 def settings_and_checkpoint(argv, defaults, choices, init_hint):
     """(settings, checkpoint) of a script that starts from a checkpoint (train.py, rl.py): out_dir/ckpt.pt with
     resume, else init_from (None when that is empty). defaults < a resumed run's stored settings < config files
-    and --key=value; a resumed run must keep the optimizer whose state the checkpoint holds."""
+    and --key=value; a resumed run must keep the optimizer whose state the checkpoint holds, and a resumed LoRA run
+    the adapters' shape (its stored LORA settings win)."""
     overrides = parse_args(argv, defaults, choices)
     config = defaults | overrides
     path = os.path.join(config["out_dir"], "ckpt.pt") if config["resume"] else config["init_from"]
@@ -125,4 +130,21 @@ def settings_and_checkpoint(argv, defaults, choices, init_hint):
         if config["optimizer"] != trained_with:
             raise UserError(f"{path} holds {trained_with} state: resume with --optimizer={trained_with}, or "
                             f"start {config['optimizer']} from its weights with --init_from={path}")
+        if "lora" in ckpt:
+            config |= {k: ckpt["config"][k] for k in LORA}
     return config, ckpt
+
+
+def policy_settings(argv, defaults, choices, script):
+    """(cfg, ckpt) of a script that improves a trained chat model (rl.py, dpo.py): settings_and_checkpoint, with a
+    checkpoint it must have, data_dir (the tasks' difficulty) the checkpoint's own unless given, and the LoRA
+    settings checked now rather than after the model is loaded."""
+    config, ckpt = settings_and_checkpoint(
+        argv, defaults, choices, "train one first (python prepare.py && python train.py) or pass --init_from=PATH")
+    if ckpt is None:
+        raise UserError(f"init_from is empty: {script} improves a trained checkpoint (default out/best.pt)")
+    config["data_dir"] = config["data_dir"] or ckpt.get("config", {}).get("data_dir", "")
+    cfg = SimpleNamespace(**config)
+    check_ranges(cfg, non_negative=("lora_rank",))
+    parse_targets(cfg.lora_targets)
+    return cfg, ckpt

@@ -29,7 +29,7 @@ def distillation_loss(model, teacher, x, y, coef, temperature):
     the cross-entropy of the data's targets y + coef x T^2 KL(teacher || student), both distributions softened by
     T = temperature, over the supervised tokens (y != -1) alone. T^2 keeps the soft part's gradients at the scale
     of the hard part's whatever T. Every supervised position's logits are materialized (model.py's chunked loss
-    never does that): tokens x vocabulary floats, for both models; fine for the byte tokenizer's 260 tokens, large
+    never does that): tokens x vocabulary floats, for both models; fine for the byte tokenizer's 320 tokens, large
     for GPT-2's 50,304 (lower batch_size)."""
     keep = y != -1
     student = model(x, all_logits=True)[0][keep].float()

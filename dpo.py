@@ -36,7 +36,6 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +46,6 @@ from checkpoints import chat_policy
 from common import StopFlag, UserError
 from data import load_data
 from device import DTYPES
-from lora import parse_targets
 from replies import VALIDATION_SEED, evaluate, generate_replies, is_correct, reply_token_losses, report_heldout
 from tasks import TASKS, difficulty_of, heldout_items, sample_problem
 from tokenizer import render_conversation, render_prompt
@@ -108,18 +106,11 @@ PAIR_FORMAT = '{"messages": [...] or "prompt": text, "chosen": reply, "rejected"
 def settings(argv):
     """(cfg, ckpt): defaults < a resumed run's stored settings < config files and --key=value, and the checkpoint
     to start from (init_from, or out_dir/ckpt.pt with --resume)."""
-    config, ckpt = configurator.settings_and_checkpoint(
-        argv, DEFAULTS, CHOICES, "train one first (python prepare.py && python train.py) or pass --init_from=PATH")
-    if ckpt is None:
-        raise UserError("init_from is empty: dpo.py improves a trained checkpoint (default out/best.pt)")
-    config["data_dir"] = config["data_dir"] or ckpt.get("config", {}).get("data_dir", "")
-    cfg = SimpleNamespace(**config)
+    cfg, ckpt = configurator.policy_settings(argv, DEFAULTS, CHOICES, "dpo.py")
     configurator.check_ranges(cfg, at_least_one=("max_iters", "num_pairs", "max_prompts", "samples_per_prompt",
                                                  "max_new_tokens", "batch_size", "micro_batch",
                                                  "eval_interval", "eval_items", "ckpt_interval"),
-                              non_negative=("warmup_iters", "learning_rate", "muon_lr", "weight_decay", "grad_clip",
-                                            "lora_rank"))
-    parse_targets(cfg.lora_targets)  # a one-line error now rather than after the model is loaded
+                              non_negative=("warmup_iters", "learning_rate", "muon_lr", "weight_decay", "grad_clip"))
     if cfg.samples_per_prompt < 2:
         raise UserError("samples_per_prompt must be at least 2: a pair needs a right and a wrong reply")
     if cfg.beta <= 0 or cfg.temperature <= 0 or cfg.nll_coef < 0:

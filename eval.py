@@ -26,7 +26,7 @@ from common import UserError, robust_stdio, run_main, save_json
 from data import check_tokenizer, get_batch, load_data, read_gsm8k
 from inference import add_model_args, add_sampling_args, checkpoint_path, load_model, make_generator, sampling_kwargs
 from replies import generate_replies, generate_reply, is_correct
-from tasks import TASK_MAKERS, TASKS, difficulty_of, heldout_items
+from tasks import EXTRA_TASKS, TASK_MAKERS, TASKS, difficulty_of, heldout_items
 from tokenizer import render_prompt
 
 SHOWCASE = [  # the seed designs' five prompts, then five that probe the built-in tasks and the model's identity
@@ -217,7 +217,7 @@ def main():
                                        "was trained on, else data/reasoning)")
     parser.add_argument("--items", type=int, default=50, help="held-out problems per built-in task (0 = skip)")
     parser.add_argument("--tasks", default=",".join(TASKS), help="the tasks to score, a comma list (default: the "
-                        f"seven of the default mix; also {', '.join(t for t in TASK_MAKERS if t not in TASKS)})")
+                        f"seven of the default mix; also {', '.join(EXTRA_TASKS)})")
     parser.add_argument("--easy_share", type=float, default=0.58,
                         help="share of easy problems (tasks.is_easy) in add/sub/mul/max's items: 0.58 (default) makes "
                              "a third of all easy, as auto needs; 0: as the tasks draw them")

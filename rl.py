@@ -28,7 +28,6 @@ import random
 import sys
 import time
 from dataclasses import asdict
-from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -38,7 +37,6 @@ from checkpoints import chat_policy
 from common import StopFlag, UserError
 from data import check_tokenizer, get_batch, load_data, random_starts, read_gsm8k, to_device
 from device import DTYPES
-from lora import parse_targets
 from replies import (VALIDATION_SEED, evaluate, generate_replies, greedy_rewards, is_correct, report_heldout,
                      reply_token_losses)
 from tasks import TASKS, difficulty_of, heldout_items, sample_problem
@@ -107,15 +105,9 @@ CHOICES = {"device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", *DTYPES),
 def settings(argv):
     """(cfg, ckpt): defaults < a resumed run's stored settings < config files and --key=value, and the
     checkpoint to start from (the init checkpoint, or out_dir/ckpt.pt with --resume)."""
-    config, ckpt = configurator.settings_and_checkpoint(
-        argv, DEFAULTS, CHOICES, "train one first (python prepare.py && python train.py) or pass --init_from=PATH")
-    if ckpt is None:
-        raise UserError("init_from is empty: rl.py improves a trained checkpoint (default out/best.pt)")
-    config["data_dir"] = config["data_dir"] or ckpt.get("config", {}).get("data_dir", "")
-    cfg = SimpleNamespace(**config)
+    cfg, ckpt = configurator.policy_settings(argv, DEFAULTS, CHOICES, "rl.py")
     configurator.check_ranges(cfg, at_least_one=("max_iters", "problems_per_step", "screen", "group_size",
-                                                 "max_new_tokens", "eval_interval", "eval_items", "ckpt_interval"),
-                              non_negative=("lora_rank",))
+                                                 "max_new_tokens", "eval_interval", "eval_items", "ckpt_interval"))
     if cfg.group_size < 2:
         raise UserError("group_size must be at least 2: the baseline of a reply is its group's mean reward")
     if not 0 < cfg.top_p <= 1 or cfg.top_k < 0 or cfg.temperature <= 0 or cfg.learning_rate < 0 or cfg.muon_lr < 0:
@@ -126,7 +118,6 @@ def settings(argv):
         raise UserError("sft_coef > 0 mixes in the supervised loss on prepared data, and the init checkpoint names "
                         "no data_dir: pass --data_dir=DIR (or --sft_coef=0)")
     check_optimizer_settings(cfg)
-    parse_targets(cfg.lora_targets)  # a one-line error now rather than after the model is loaded
     return cfg, ckpt
 
 

@@ -36,9 +36,9 @@ from common import StopFlag, UserError
 from data import check_tokenizer, get_batch, load_data, random_starts, to_device
 from device import (DTYPES, amp_dtype, autocast, choose_compile, compile_model, cpu_auto_dtype, peak_flops,
                     print_memory_estimate, setup_process)
+from distill import distillation_loss, load_teacher
 from lora import add_lora, parse_targets
 from tokenizer import tokenizer_name
-from distill import distillation_loss, load_teacher
 from training import (MetricsLog, add_nan_hook, check_optimizer_settings, clip_gradients, exit_if_stopped, get_lr,
                       make_optimizer, optimizer_step, run_training, save_run, set_lr, stage_at)
 
@@ -106,7 +106,6 @@ DEFAULTS = configurator.defaults_of(globals())
 CHOICES = {"compile": ("auto", True, False), "device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", *DTYPES),
            "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd"), "windows": ("random", "documents")}
 ARCHITECTURE = ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "emb_rank")
-LORA = ("lora_rank", "lora_alpha", "lora_targets")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -118,8 +117,6 @@ def settings(argv):
     config, ckpt = configurator.settings_and_checkpoint(argv, DEFAULTS, CHOICES, "train one first")
     if ckpt is not None:
         config |= {k: ckpt["model_args"][k] for k in ARCHITECTURE}
-    if config["resume"] and "lora" in ckpt:  # the adapters being continued decide their own shape
-        config |= {k: ckpt["config"][k] for k in LORA}
     cfg = SimpleNamespace(**config)
     check_config(cfg)
     return cfg, ckpt

@@ -342,7 +342,7 @@ def test_lora_rl_trains_adapters_only_and_resumes_exactly(tmp_path, monkeypatch)
     with pytest.raises(SystemExit):
         rl.main([f"--init_from={init}", f"--out_dir={tmp_path}/resumed", *args])
     monkeypatch.setattr(rl, "StopFlag", lambda: StopAfter(10 ** 9))
-    rl.main(["--resume", f"--out_dir={tmp_path}/resumed"])
+    rl.main(["--resume", f"--out_dir={tmp_path}/resumed", "--lora_rank=8"])  # the adapters' own shape wins
     straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
     assert straight["lora"]["base"] == init and straight["model"].keys() == resumed["model"].keys()
